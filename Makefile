@@ -1,0 +1,44 @@
+# ImageFinder. `make run` to serve the real catalogue, `make test` to run the suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: venv run demo test lint format bench loadtest clean
+
+$(BIN)/imagefinder: requirements.txt requirements-dev.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	touch $@
+
+venv: $(BIN)/imagefinder
+
+data/images.csv:
+	mkdir -p data
+	cp ../shared/data/lydia-images.csv $@
+
+## Download the 295-row catalogue, index it with resnet50, serve on :8000.
+run: venv data/images.csv
+	-$(BIN)/python download_images.py --csv_file data/images.csv
+	$(BIN)/python extract_image_features.py --folder data/images
+	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+
+## Offline demo: the sample photos in assets/demo with efficientnet-lite0.
+demo: venv
+	$(BIN)/python extract_image_features.py --folder assets/demo --db data/demo.db --model efficientnet-lite0
+	IMAGEFINDER_DB=data/demo.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,125 @@
+"""The catalogue CSV (``url,id``) and the rules for ids.
+
+Ids become file names (``<id>.<ext>``) and URL path segments, so they are held to
+a conservative pattern instead of being sanitised: a rejected id is reported, never
+silently renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MAX_ID_LENGTH = 128
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+ALLOWED_SCHEMES = ("http", "https")
+
+
+class CatalogError(ValueError):
+    """The CSV as a whole cannot be used (bad header, not text)."""
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` is not a safe id, or None if it is."""
+    if not image_id:
+        return "empty id"
+    if len(image_id) > MAX_ID_LENGTH:
+        return f"id longer than {MAX_ID_LENGTH} characters"
+    if not _ID_RE.fullmatch(image_id):
+        return (
+            f"id {image_id[:40]!r} is not safe as a file name: use letters, digits, "
+            "'_', '-' and '.', not starting with '.' or '-'"
+        )
+    return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be downloaded, or None if it can."""
+    if not url:
+        return "empty url"
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        return f"malformed url: {e}"
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        return f"unsupported url scheme {parts.scheme or '(none)'!r}: only http and https"
+    if not parts.hostname:
+        return "url has no host"
+    return None
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    url: str
+    id: str
+    problem: str | None = None
+
+
+def read_catalog(path: str | Path) -> list[Row]:
+    """Read a ``url,id`` CSV. Rows that cannot be used carry a ``problem``.
+
+    A UTF-8 BOM and CRLF line endings (what spreadsheets write) are accepted.
+    Raises CatalogError when the file as a whole is unusable.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CatalogError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_catalog(data, name=str(path))
+
+
+def parse_catalog(data: bytes, name: str = "<csv>") -> list[Row]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CatalogError(
+            f"{name}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise CatalogError(f"{name}:{line}: contains a NUL byte; is this really a CSV?")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise CatalogError(f"{name}: empty file; expected a header line 'url,id'") from None
+    except csv.Error as e:
+        raise CatalogError(f"{name}:1: {e}") from None
+    columns = [h.strip().lower() for h in header]
+    missing = [c for c in ("url", "id") if c not in columns]
+    if missing:
+        raise CatalogError(
+            f"{name}:1: header is {','.join(header)!r}, missing column(s) "
+            f"{', '.join(missing)}; the first line must be 'url,id'"
+        )
+    url_col, id_col = columns.index("url"), columns.index("id")
+
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise CatalogError(f"{name}:{reader.line_num}: {e}") from None
+        line = reader.line_num
+        if not any(cell.strip() for cell in record):
+            continue
+        if len(record) <= max(url_col, id_col):
+            rows.append(Row(line, "", "", f"expected {len(columns)} columns, got {len(record)}"))
+            continue
+        url, image_id = record[url_col].strip(), record[id_col].strip()
+        problem = id_problem(image_id) or url_problem(url)
+        if problem is None and image_id in seen:
+            problem = f"duplicate id {image_id!r} (first on line {seen[image_id]})"
+        if problem is None:
+            seen[image_id] = line
+        rows.append(Row(line, url, image_id, problem))
+    return rows

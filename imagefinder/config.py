@@ -1,0 +1,55 @@
+"""Settings, read from ``IMAGEFINDER_*`` environment variables in one place.
+
+Tests build a ``Settings`` directly (or via ``from_env`` with a dict), so nothing
+else in the package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+PREFIX = "IMAGEFINDER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = "data/imagefinder.db"
+    images_dir: str = "data/images"
+    model: str = "resnet50"
+    weights: str | None = None
+    precision: str = "fp32"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch_size: int = 16
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    api_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    ef_search: int = 40
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+        """Build settings from ``IMAGEFINDER_<FIELD>`` variables, then apply overrides."""
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name == "cors_origins":
+                values[f.name] = tuple(o.strip() for o in raw.split(",") if o.strip())
+            elif f.type in ("int",):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"{PREFIX}{f.name.upper()}={raw!r} is not a whole number"
+                    ) from None
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,236 @@
+"""Download a catalogue's images: concurrent, retried, capped, atomic.
+
+A response only counts once it decodes as an image. Bytes go to a hidden
+temporary file in the output folder and are renamed into place, so a crash
+never leaves a half file under a real name; leftovers are swept on the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin
+
+import requests
+
+from . import __version__
+from .catalog import Row, url_problem
+from .images import EXTENSIONS, ImageError, probe
+
+USER_AGENT = f"ImageFinder/{__version__} (+https://github.com/imagefinder; image downloader)"
+TEMP_PREFIX = ".imagefinder-"
+TEMP_SUFFIX = ".part"
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+MAX_REDIRECTS = 5
+# Every suffix a downloaded image may carry, so one id never has two files.
+_SUFFIXES = sorted(set(EXTENSIONS.values()) | {"jpeg", "tiff"})
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    timeout: float = 20.0
+    retries: int = 3
+    backoff: float = 0.5
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    workers: int = 8
+
+
+@dataclass(frozen=True)
+class Outcome:
+    line: int
+    id: str
+    url: str
+    status: str  # downloaded | skipped | failed
+    reason: str = ""
+    path: str = ""
+    bytes: int = 0
+
+
+class _Permanent(Exception):
+    """A failure that retrying will not fix."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (timeouts, connection resets, 5xx, 429)."""
+
+
+def existing_file(output_dir: Path, image_id: str) -> Path | None:
+    for ext in _SUFFIXES:
+        path = output_dir / f"{image_id}.{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def sweep_temp_files(output_dir: Path) -> int:
+    """Remove temporary files a killed run left behind."""
+    n = 0
+    for path in output_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        try:
+            path.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+class Downloader:
+    def __init__(self, output_dir: str | Path, options: DownloadOptions | None = None):
+        self.output_dir = Path(output_dir)
+        self.options = options or DownloadOptions()
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.headers["User-Agent"] = USER_AGENT
+            s.headers["Accept"] = "image/*,*/*;q=0.5"
+            self._local.session = s
+        return s
+
+    def run(
+        self,
+        rows: Iterable[Row],
+        on_done: Callable[[Outcome], None] | None = None,
+    ) -> list[Outcome]:
+        """Fetch every row; outcomes come back in CSV order."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(self.output_dir)
+        rows = list(rows)
+        outcomes: dict[int, Outcome] = {}
+        with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
+            futures = {pool.submit(self.fetch_row, row): row for row in rows}
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes[futures[future].line] = outcome
+                if on_done:
+                    on_done(outcome)
+        return [outcomes[row.line] for row in rows]
+
+    def fetch_row(self, row: Row) -> Outcome:
+        def out(status: str, reason: str = "", path: Path | None = None, size: int = 0):
+            return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size)
+
+        if row.problem:
+            return out("failed", row.problem)
+        current = existing_file(self.output_dir, row.id)
+        if current is not None:
+            try:
+                probe(current, self.options.max_pixels)
+                return out("skipped", "already downloaded", current, current.stat().st_size)
+            except (ImageError, OSError):
+                pass  # a bad leftover: fetch it again
+        attempt = 0
+        while True:
+            try:
+                path, size = self._fetch(row)
+                return out("downloaded", "", path, size)
+            except _Permanent as e:
+                return out("failed", str(e))
+            except _Transient as e:
+                attempt += 1
+                if attempt > self.options.retries:
+                    return out("failed", f"{e} (after {attempt} attempts)")
+                delay = self.options.backoff * 2 ** (attempt - 1)
+                time.sleep(delay * (0.5 + random.random()))
+            except Exception as e:  # never let one row kill the run
+                return out("failed", f"unexpected error: {type(e).__name__}: {e}")
+
+    def _get(self, url: str) -> requests.Response:
+        """GET following redirects by hand, so every hop's scheme is checked."""
+        for _ in range(MAX_REDIRECTS + 1):
+            problem = url_problem(url)
+            if problem:
+                raise _Permanent(f"redirected to a refused url: {problem}")
+            try:
+                resp = self.session.get(
+                    url, stream=True, timeout=self.options.timeout, allow_redirects=False
+                )
+            except (requests.Timeout, requests.ConnectionError) as e:
+                raise _Transient(f"network error: {type(e).__name__}") from e
+            except requests.RequestException as e:
+                raise _Permanent(f"request failed: {e}") from e
+            if resp.is_redirect:
+                location = resp.headers.get("Location", "")
+                resp.close()
+                url = urljoin(url, location)
+                continue
+            return resp
+        raise _Permanent(f"more than {MAX_REDIRECTS} redirects")
+
+    def _fetch(self, row: Row) -> tuple[Path, int]:
+        resp = self._get(row.url)
+        with resp:
+            if resp.status_code in RETRY_STATUS:
+                raise _Transient(f"HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise _Permanent(f"HTTP {resp.status_code}")
+            declared = resp.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > self.options.max_bytes:
+                raise _Permanent(
+                    f"{int(declared):,} bytes, over the {self.options.max_bytes:,} byte limit"
+                )
+            fd, tmp = tempfile.mkstemp(
+                prefix=f"{TEMP_PREFIX}{row.id}.", suffix=TEMP_SUFFIX, dir=self.output_dir
+            )
+            tmp_path = Path(tmp)
+            try:
+                size = 0
+                with os.fdopen(fd, "wb") as f:
+                    try:
+                        for chunk in resp.iter_content(64 * 1024):
+                            size += len(chunk)
+                            if size > self.options.max_bytes:
+                                raise _Permanent(
+                                    f"more than the {self.options.max_bytes:,} byte limit"
+                                )
+                            f.write(chunk)
+                    except (requests.RequestException, OSError) as e:
+                        if isinstance(e, OSError) and not isinstance(e, requests.RequestException):
+                            raise _Permanent(f"cannot write: {e}") from e
+                        raise _Transient(f"connection broke mid-download: {type(e).__name__}")
+                    f.flush()
+                    os.fsync(f.fileno())
+                if size == 0:
+                    raise _Permanent("empty response")
+                try:
+                    fmt = probe(tmp_path, self.options.max_pixels)
+                except ImageError as e:
+                    ctype = resp.headers.get("Content-Type", "?").split(";")[0]
+                    raise _Permanent(f"not an image ({ctype}): {e}") from e
+                final = self.output_dir / f"{row.id}.{EXTENSIONS[fmt]}"
+                os.replace(tmp_path, final)
+                # A re-download in another format must not leave the old file as a twin.
+                for ext in _SUFFIXES:
+                    other = self.output_dir / f"{row.id}.{ext}"
+                    if other != final and other.exists():
+                        other.unlink()
+                return final, size
+            finally:
+                if tmp_path.exists():
+                    tmp_path.unlink()
+
+
+MANIFEST_FIELDS = ("line", "id", "url", "status", "reason", "path", "bytes")
+
+
+def write_manifest(path: str | Path, outcomes: Iterable[Outcome]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(MANIFEST_FIELDS)
+        for o in outcomes:
+            writer.writerow([getattr(o, name) for name in MANIFEST_FIELDS])
+    os.replace(tmp, path)

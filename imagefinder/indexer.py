@@ -1,0 +1,204 @@
+"""Extraction: a folder of images -> vectors in the index, incrementally.
+
+The pipeline keeps the model busy. Worker threads read, hash, decode (JPEGs at a
+reduced DCT scale) and preprocess files while the main thread runs batched
+inference and commits each batch in its own transaction. The queue between them
+is bounded, so memory stays flat however large the folder is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .embed import Embedder
+from .images import ImageError, is_image_path, load_rgb
+from .store import FileState, Item, SQLiteStore
+
+
+@dataclass
+class Summary:
+    indexed: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    pruned: int = 0
+    missing: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = [
+            f"{self.indexed} indexed",
+            f"{self.unchanged} unchanged",
+            f"{self.skipped} skipped",
+        ]
+        if self.pruned:
+            parts.append(f"{self.pruned} pruned")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def file_id(path: Path, root: Path) -> str:
+    """The id of ``path``: its stem, with sub-folders kept as ``a/b/stem``."""
+    rel = path.relative_to(root).with_suffix("")
+    return rel.as_posix()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Image files under ``root`` (recursively), sorted, and the ones refused."""
+    found: dict[str, Candidate] = {}
+    refused: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not is_image_path(path):
+                continue
+            image_id = file_id(path, root)
+            if image_id in found:
+                refused.append((str(path), f"same id {image_id!r} as {found[image_id].path.name}"))
+                continue
+            try:
+                st = path.stat()
+            except OSError as e:
+                refused.append((str(path), e.strerror or str(e)))
+                continue
+            found[image_id] = Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns)
+    return list(found.values()), refused
+
+
+def _bounded_map(fn, items, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
+    """Like ``pool.map`` but with at most ``ahead`` results in flight."""
+    pending: deque[Future] = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        yield pending.popleft().result()
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            break
+
+
+def index_folder(
+    folder: str | Path,
+    store: SQLiteStore,
+    embedder: Embedder,
+    *,
+    batch_size: int = 16,
+    workers: int = 2,
+    prune: bool = False,
+    max_pixels: int = 100_000_000,
+    select: Callable[[str], bool] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Summary:
+    """Embed every new or changed image under ``folder`` into ``store``.
+
+    ``select`` limits the run to some ids (sharding). ``on_*`` callbacks drive
+    the CLI's progress bar without tying this module to click.
+    """
+    root = Path(folder)
+    summary = Summary()
+
+    def skip(path: str, reason: str) -> None:
+        summary.skipped += 1
+        summary.problems.append((path, reason))
+        if on_skip:
+            on_skip(path, reason)
+
+    store.ensure_schema(embedder.meta())
+    candidates, refused = scan(root)
+    for path, reason in refused:
+        skip(path, reason)
+    if select is not None:
+        candidates = [c for c in candidates if select(c.id)]
+    known = store.file_states()
+
+    todo: list[Candidate] = []
+    for c in candidates:
+        state = known.get(c.id)
+        if state and (state.path, state.size, state.mtime_ns) == (str(c.path), c.size, c.mtime_ns):
+            summary.unchanged += 1
+        else:
+            todo.append(c)
+    if on_total:
+        on_total(len(todo))
+
+    def prepare(c: Candidate):
+        """Runs in a worker: hash, decide, decode, preprocess."""
+        try:
+            digest = sha256_file(c.path)
+            state = known.get(c.id)
+            if state and state.sha256 == digest:
+                return c, digest, None, None
+            img = load_rgb(c.path, max_pixels, min_side=embedder.min_side)
+            return c, digest, embedder.preprocess(img), None
+        except (ImageError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return c, None, None, reason
+
+    batch: list[tuple[Candidate, str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        vectors = embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
+        store.upsert(
+            Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
+            for (c, digest, _), v in zip(batch, vectors, strict=True)
+        )
+        summary.indexed += len(batch)
+        if on_progress:
+            on_progress(len(batch))
+        batch.clear()
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        for c, digest, tensor, reason in _bounded_map(
+            prepare, todo, pool, ahead=batch_size * 2 + workers
+        ):
+            if reason is not None:
+                skip(str(c.path), reason)
+                if on_progress:
+                    on_progress(1)
+            elif tensor is None:  # same content, new path or mtime
+                store.touch(c.id, str(c.path), c.size, c.mtime_ns)
+                summary.unchanged += 1
+                if on_progress:
+                    on_progress(1)
+            else:
+                batch.append((c, digest, tensor))
+                if len(batch) >= batch_size:
+                    flush()
+        flush()
+
+    gone = [i for i, s in known.items() if not Path(s.path).exists()]
+    if prune and gone:
+        summary.pruned = store.delete(gone)
+    else:
+        summary.missing = len(gone)
+    return summary

@@ -1,0 +1,337 @@
+"""The SQLite index: one ``connect()``, a versioned schema, and KNN in SQL.
+
+Layout (schema version 1):
+
+- ``meta(key, value)``: schema version, model, weights, dim, metric, preprocessing.
+- ``images``: one row per id with its file path, content hash, size, mtime and a
+  float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
+- ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
+  ``embedding MATCH ? AND k = ?`` under L2 distance.
+
+Every write goes through one transaction per batch, so a killed run leaves the
+index consistent and the next run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+METRIC = "l2"
+# Keys that must match for vectors to be comparable.
+IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
+
+
+class StoreError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+class IndexMismatch(StoreError):
+    pass
+
+
+def _driver():
+    """The stdlib sqlite3 if it can load extensions, else sqlean.py."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        if hasattr(probe, "enable_load_extension"):
+            return sqlite3
+    finally:
+        probe.close()
+    try:
+        import sqlean
+    except ImportError:
+        raise StoreError(
+            "this Python's sqlite3 cannot load extensions, which sqlite-vec needs; "
+            "install the drop-in replacement with: pip install sqlean.py"
+        ) from None
+    return sqlean
+
+
+_DRIVER = None
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open ``path`` with sqlite-vec loaded and the pragmas every caller relies on."""
+    global _DRIVER
+    if _DRIVER is None:
+        _DRIVER = _driver()
+    import sqlite_vec
+
+    conn = _DRIVER.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+    except Exception as e:
+        conn.close()
+        raise StoreError(f"cannot load the sqlite-vec extension: {e}") from e
+    # WAL lets searches read while an extraction writes; busy_timeout makes
+    # writers queue instead of failing with "database is locked".
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    vector: np.ndarray
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+class SQLiteStore:
+    """The index file. Safe to share across threads: each thread gets its own connection."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    # -- schema and meta -------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.path.is_file() and bool(self.meta())
+
+    def meta(self) -> dict[str, str]:
+        if not self.path.is_file():
+            return {}
+        try:
+            return dict(self.conn.execute("SELECT key, value FROM meta"))
+        except Exception as e:  # sqlite3 or sqlean's OperationalError/DatabaseError
+            if "no such table" in str(e):
+                return {}
+            raise StoreError(f"{self.path} is not an ImageFinder index: {e}") from e
+
+    def ensure_schema(self, identity: dict[str, str]) -> None:
+        """Create the index for ``identity`` (model meta), or check it matches."""
+        existing = self.meta()
+        if existing:
+            self._check_version(existing)
+            check_compatible(existing, identity, self.location)
+            return
+        dim = int(identity["dim"])
+        with self.transaction() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute(
+                """CREATE TABLE IF NOT EXISTS images (
+                    rowid INTEGER PRIMARY KEY,
+                    id TEXT NOT NULL UNIQUE,
+                    path TEXT NOT NULL,
+                    sha256 TEXT NOT NULL,
+                    size INTEGER NOT NULL,
+                    mtime_ns INTEGER NOT NULL,
+                    embedding BLOB NOT NULL,
+                    updated_at REAL NOT NULL
+                )"""
+            )
+            conn.execute(
+                f"CREATE VIRTUAL TABLE IF NOT EXISTS vec_images USING vec0("
+                f"embedding float[{dim}] distance_metric={METRIC})"
+            )
+            meta = {
+                **identity,
+                "schema_version": str(SCHEMA_VERSION),
+                "metric": METRIC,
+                "normalized": "l2",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+
+    def _check_version(self, meta: dict[str, str]) -> None:
+        version = int(meta.get("schema_version", "0"))
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.location} has schema version {version}, this ImageFinder "
+                f"reads version {SCHEMA_VERSION}; rebuild it with a new --db path"
+            )
+
+    # -- transactions ------------------------------------------------------
+
+    class _Tx:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def __enter__(self):
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb):
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            return False
+
+    def transaction(self) -> _Tx:
+        return self._Tx(self.conn)
+
+    # -- reads -------------------------------------------------------------
+
+    def count(self) -> int:
+        if not self.meta():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
+
+    def file_states(self) -> dict[str, FileState]:
+        rows = self.conn.execute("SELECT id, path, sha256, size, mtime_ns FROM images")
+        return {r[0]: FileState(*r[1:]) for r in rows}
+
+    def path_of(self, image_id: str) -> str | None:
+        row = self.conn.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
+        return row[0] if row else None
+
+    def vector_of(self, image_id: str) -> np.ndarray | None:
+        row = self.conn.execute(
+            "SELECT embedding FROM images WHERE id = ?", (image_id,)
+        ).fetchone()
+        return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
+
+    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
+        """Yield lists of (id, path, vector), in rowid order."""
+        last = -1
+        while True:
+            rows = self.conn.execute(
+                "SELECT rowid, id, path, embedding FROM images WHERE rowid > ? "
+                "ORDER BY rowid LIMIT ?",
+                (last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(r[1], r[2], np.frombuffer(r[3], dtype=np.float32)) for r in rows]
+
+    def knn(
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first."""
+        fetch = k + len(exclude)
+        rows = self.conn.execute(
+            """WITH knn AS (
+                   SELECT rowid, distance FROM vec_images
+                   WHERE embedding MATCH ? AND k = ?
+               )
+               SELECT images.id, knn.distance FROM knn
+               JOIN images ON images.rowid = knn.rowid
+               ORDER BY knn.distance""",
+            (_blob(vector), fetch),
+        ).fetchall()
+        skip = set(exclude)
+        return [(i, float(d)) for i, d in rows if i not in skip][:k]
+
+    # -- writes ------------------------------------------------------------
+
+    def upsert(self, items: Iterable[Item]) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many."""
+        n = 0
+        now = time.time()
+        with self.transaction() as conn:
+            for it in items:
+                blob = _blob(it.vector)
+                row = conn.execute("SELECT rowid FROM images WHERE id = ?", (it.id,)).fetchone()
+                if row:
+                    rowid = row[0]
+                    conn.execute(
+                        "UPDATE images SET path=?, sha256=?, size=?, mtime_ns=?, embedding=?, "
+                        "updated_at=? WHERE rowid=?",
+                        (it.path, it.sha256, it.size, it.mtime_ns, blob, now, rowid),
+                    )
+                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (rowid,))
+                else:
+                    rowid = conn.execute(
+                        "INSERT INTO images (id, path, sha256, size, mtime_ns, embedding, "
+                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (it.id, it.path, it.sha256, it.size, it.mtime_ns, blob, now),
+                    ).lastrowid
+                conn.execute(
+                    "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
+                )
+                n += 1
+        return n
+
+    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
+        """Record a new path/mtime for a file whose content did not change."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE images SET path=?, size=?, mtime_ns=? WHERE id=?",
+                (path, size, mtime_ns, image_id),
+            )
+
+    def delete(self, ids: Iterable[str]) -> int:
+        n = 0
+        with self.transaction() as conn:
+            for image_id in ids:
+                row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
+                if row:
+                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
+                    conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
+                    n += 1
+        return n
+
+
+def check_compatible(existing: dict[str, str], identity: dict[str, str], where: str) -> None:
+    """Refuse to mix vectors from different models, weights or preprocessing."""
+    for key in IDENTITY_KEYS:
+        if key in identity and existing.get(key) != identity[key]:
+            raise IndexMismatch(
+                f"{where} was built with {key}={existing.get(key)!r}, but this run uses "
+                f"{key}={identity[key]!r}; vectors from different models cannot be mixed. "
+                f"Use --model {existing.get('model')} (and the same weights), or a new --db path"
+            )
+
+
+def open_store(location: str | Path) -> SQLiteStore:
+    """The store for ``location``: a file path means SQLite."""
+    return SQLiteStore(location)
