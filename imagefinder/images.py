@@ -17,7 +17,8 @@ from PIL import Image, ImageFile, ImageOps
 
 # Formats we decode. Restricting Image.open keeps exotic plugins (EPS calls
 # Ghostscript, for one) away from untrusted uploads.
-FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# MPO (multi-picture JPEGs from phones) opens through the JPEG plugin.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 EXTENSIONS = {
     "JPEG": "jpg",
     "MPO": "jpg",
@@ -30,6 +31,8 @@ EXTENSIONS = {
 # Suffixes that the extractor treats as images (their content is still checked).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
+# Register every plugin now: Image.open(formats=...) only looks at loaded ones.
+Image.init()
 # Truncated files must fail, not decode half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # We enforce our own, configurable cap before decoding; PIL's would fire first

@@ -1,0 +1,88 @@
+"""Helpers shared by tests and benchmarks: real images, free ports, live servers."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CALTECH = SHARED_DATA / "caltech101-dev"
+
+
+def image_bytes(
+    size: tuple[int, int] = (64, 48),
+    color: tuple[int, int, int] = (200, 30, 30),
+    fmt: str = "JPEG",
+    mode: str = "RGB",
+    **save_kwargs,
+) -> bytes:
+    """A small real image, encoded."""
+    img = Image.new(mode, size, color if mode == "RGB" else None)
+    if mode == "RGB":
+        # A gradient, so encoders produce real structure rather than a flat block.
+        for x in range(0, size[0], max(1, size[0] // 8)):
+            img.paste((x * 255 // max(1, size[0]), 120, 255 - color[2]), (x, 0, x + 2, size[1]))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``uvicorn main:app`` in a subprocess on 127.0.0.1, as a user would run it."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **env}
+        cmd = [
+            sys.executable, "-m", "uvicorn", "main:app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+        ]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server on {self.url} did not become ready in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> LiveServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
