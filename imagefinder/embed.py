@@ -154,11 +154,19 @@ def spec_for(name: str) -> ModelSpec:
 class Embedder:
     """A loaded model plus the exact preprocessing its vectors depend on."""
 
-    def __init__(self, spec: ModelSpec, module: torch.nn.Module, weights_id: str, precision: str):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: torch.nn.Module,
+        weights_id: str,
+        precision: str,
+        weights_path: str | None = None,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.spec = spec
         self.weights_id = weights_id
+        self.weights_path = weights_path
         self.precision = precision
         self.module = module.eval().to(memory_format=torch.channels_last)
         self._mean = torch.tensor(spec.mean).view(3, 1, 1) * 255.0
@@ -181,12 +189,16 @@ class Embedder:
         return self.spec.input_size
 
     def meta(self) -> dict[str, str]:
-        return {
+        meta = {
             "model": self.spec.name,
             "weights": self.weights_id,
             "dim": str(self.spec.dim),
             "preprocessing": self.spec.preprocessing,
         }
+        if self.weights_path:
+            # Where the API finds the same file again (IMAGEFINDER_WEIGHTS overrides).
+            meta["weights_path"] = self.weights_path
+        return meta
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalised (3, S, S) float tensor. Thread-safe."""
@@ -230,4 +242,5 @@ def load_embedder(
     if threads:
         torch.set_num_threads(threads)
     module, weights_id = spec.build(weights)
-    return Embedder(spec, module, weights_id, precision)
+    path = str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
+    return Embedder(spec, module, weights_id, precision, weights_path=path)
