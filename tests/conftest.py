@@ -52,8 +52,15 @@ def lite0():
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(db=str(tmp_path / "index.db"), images_dir=str(tmp_path / "images"))
+def db_location(tmp_path) -> str:
+    """Where a test's index lives. Tests take it from here (never build their own path)
+    so the same tests can run against every store."""
+    return str(tmp_path / "index.db")
+
+
+@pytest.fixture
+def settings(tmp_path, db_location) -> Settings:
+    return Settings(db=db_location, images_dir=str(tmp_path / "images"))
 
 
 @pytest.fixture
