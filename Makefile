@@ -14,12 +14,8 @@ $(BIN)/imagefinder: requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(BIN)/imagefinder
 
-data/images.csv:
-	mkdir -p data
-	cp ../shared/data/lydia-images.csv $@
-
 ## Download the 295-row catalogue, index it with resnet50, serve on :8000.
-run: venv data/images.csv
+run: venv
 	-$(BIN)/python download_images.py --csv_file data/images.csv
 	$(BIN)/python extract_image_features.py --folder data/images
 	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)

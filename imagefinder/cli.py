@@ -158,9 +158,13 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
                              batch_size=batch_size)
     store = open_store(settings.db)
     existing = store.meta()
-    if existing and model is None and existing.get("model") != settings.model:
-        # An index remembers its model: extending it needs no --model.
+    if existing and model is None:
+        # An index remembers its model and weights: extending it needs neither option.
+        from .service import weights_for_index
+
         settings = settings.with_(model=existing["model"])
+        if weights is None and existing.get("model") == settings.model:
+            settings = settings.with_(weights=weights_for_index(existing, settings))
     click.echo(f"Loading {settings.model} ...", err=True)
     embedder = load_embedder(settings.model, settings.weights, settings.precision,
                              settings.threads)
