@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: venv run demo test lint format bench loadtest clean
+.PHONY: venv run demo test lint format bench bench-stores loadtest clean
 
 $(BIN)/imagefinder: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ lint:
 format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## pgvector HNSW vs the SQLite path over 100k synthetic vectors; bench/results/stores.json.
+bench-stores: venv
+	$(BIN)/python bench/bench_stores.py
+
+## 60 s, 8 clients against a live server; writes bench/results/loadtest.{json,md}.
+loadtest: venv
+	$(BIN)/python bench/loadtest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings
+from .embed import ModelUnavailable
 from .images import ImageError
 from .service import Service, ServiceError
 from .store import StoreError
@@ -164,7 +165,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.state.service = svc
         # Load the model once, now, if the index says which one; otherwise on the
         # first search after an index appears.
-        await run_in_threadpool(svc.load_model)
+        try:
+            await run_in_threadpool(svc.load_model)
+        except (StoreError, ModelUnavailable) as e:
+            # A database server still starting, or a weights file gone: serve anyway,
+            # loudly; searches answer 503 with this message until it is fixed.
+            log.error("cannot serve searches yet: %s", e)
         try:
             yield
         finally:
@@ -186,6 +192,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, exc: ImageError):
         return error_response(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(ModelUnavailable)
+    async def _model_unavailable(request: Request, exc: ModelUnavailable):
+        return error_response(503, "model_unavailable", str(exc))
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError):
@@ -227,6 +237,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.get("/health", response_model=Health, summary="Status, model and vector count")
     async def health(service: ServiceDep):
         return await run_in_threadpool(service.health)
+
+    from .writes import router as writes_router  # here: writes imports from this module
+
+    app.include_router(writes_router)
+
+    from .web import install as install_web  # here too: web imports from this module
+
+    install_web(app)
 
     if settings.cors_origins:
         app.add_middleware(

@@ -41,6 +41,8 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be downloaded, or None if it can."""
     if not url:
         return "empty url"
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return "url contains a control character (a NUL byte, tab or line break)"
     try:
         parts = urlsplit(url)
     except ValueError as e:
@@ -81,9 +83,13 @@ def parse_catalog(data: bytes, name: str = "<csv>") -> list[Row]:
         raise CatalogError(
             f"{name}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8"
         ) from None
-    if "\x00" in text:
-        line = text.count("\n", 0, text.index("\x00")) + 1
-        raise CatalogError(f"{name}:{line}: contains a NUL byte; is this really a CSV?")
+    # NULs in the header mean UTF-16 or a binary file; NULs in a row are that row's
+    # problem (id_problem and url_problem refuse them).
+    if "\x00" in text.split("\n", 1)[0]:
+        raise CatalogError(
+            f"{name}:1: contains NUL bytes; is this a CSV saved as UTF-16, or not a CSV? "
+            "Save it as UTF-8"
+        )
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)

@@ -16,7 +16,8 @@ from .config import Settings
 # Options shared by commands that open an index.
 db_option = click.option(
     "--db",
-    help="Index file (default: $IMAGEFINDER_DB or data/imagefinder.db).",
+    help="Index: a SQLite file, or a postgresql:// URL "
+    "(default: $IMAGEFINDER_DB or data/imagefinder.db).",
 )
 
 
@@ -26,14 +27,20 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .catalog import CatalogError
-        from .embed import ModelUnavailable
         from .images import ImageError
         from .store import StoreError
 
         try:
             return fn(*args, **kwargs)
-        except (CatalogError, ModelUnavailable, StoreError, ImageError) as e:
+        except (CatalogError, StoreError, ImageError) as e:
             raise click.ClickException(str(e)) from e
+        except RuntimeError as e:
+            # Importing embed here would load torch (seconds) for every command, even
+            # `download`; a ModelUnavailable can only come from an already-loaded embed.
+            embed = sys.modules.get(f"{__package__}.embed")
+            if embed is not None and isinstance(e, embed.ModelUnavailable):
+                raise click.ClickException(str(e)) from e
+            raise
         except ValueError as e:  # bad IMAGEFINDER_* values
             raise click.ClickException(str(e)) from e
 
@@ -139,8 +146,10 @@ def in_shard(image_id: str, shard: tuple[int, int]) -> bool:
               help="Embedding model (default: $IMAGEFINDER_MODEL or resnet50).")
 @click.option("--weights", help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
               "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
-              help="bf16 is faster on CPUs with AVX-512 BF16 (default fp32).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-ov", "int8"]),
+              help="fp32 (default); bf16 (PyTorch autocast) is faster on CPUs with AVX-512 "
+              "BF16; bf16-ov and int8 (fastest) run in OpenVINO: pip install "
+              "'imagefinder[openvino]'.")
 @click.option("--batch-size", type=click.IntRange(1, 256), help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 32),
               help="Decoding threads running beside inference.")
@@ -150,7 +159,7 @@ def in_shard(image_id: str, shard: tuple[int, int]) -> bool:
 def extract(folder, db, model, weights, precision, batch_size, workers, prune, shard) -> None:
     """Embed every image in a folder into the index, incrementally."""
     from .embed import load_embedder
-    from .indexer import index_folder
+    from .indexer import calibration_sample, index_folder
     from .store import open_store
 
     shard_spec = parse_shard(shard)
@@ -166,8 +175,9 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
         if weights is None and existing.get("model") == settings.model:
             settings = settings.with_(weights=weights_for_index(existing, settings))
     click.echo(f"Loading {settings.model} ...", err=True)
+    calibration = calibration_sample(folder) if settings.precision == "int8" else ()
     embedder = load_embedder(settings.model, settings.weights, settings.precision,
-                             settings.threads)
+                             settings.threads, calibration)
     bar = click.progressbar(length=0, label="Embedding", file=sys.stderr)
 
     def on_total(n):
@@ -183,8 +193,9 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
         on_skip=lambda path, reason: click.echo(f"\nskipping {path}: {reason}", err=True),
     )
     bar.render_finish()
+    total = store.count()
     store.close()
-    click.echo(f"{summary.line()}; index {settings.db} now holds {open_store(settings.db).count()} images")
+    click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
     if summary.missing:
         click.echo(f"{summary.missing} indexed files no longer exist; run with --prune to remove them",
                    err=True)
@@ -256,12 +267,42 @@ def evaluate(folder, db, k, as_json) -> None:
     from .store import open_store
 
     settings = load_settings(db=db)
-    report = evaluate_index(open_store(settings.db), folder, k)
+    store = open_store(settings.db, ef_search=settings.ef_search, exact=settings.exact)
+    report = evaluate_index(store, folder, k)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"{report['queries']} queries over {report['classes']} classes: "
                    f"precision@{k} = {report['precision_at_k']:.4f}, mAP = {report['map']:.4f}")
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows per transaction.")
+@friendly_errors
+def copy(src, dst, batch_size) -> None:
+    """Copy the index SRC into DST (each a SQLite file or a postgresql:// URL).
+
+    Vectors and meta are copied exactly; a DST that already exists must hold the
+    same model, and rows with the same id are replaced.
+    """
+    from .store import open_store
+    from .transfer import copy_index
+
+    source, target = open_store(src), open_store(dst)
+    with click.progressbar(length=0, label="Copying", file=sys.stderr) as bar:
+
+        def on_total(n):
+            bar.length = n
+
+        copied = copy_index(source, target, batch=batch_size, on_total=on_total,
+                            on_progress=bar.update)
+    total = target.count()
+    source.close()
+    target.close()
+    click.echo(f"{copied} images copied; {target.location} now holds {total} images")
 
 
 @cli.command()

@@ -21,12 +21,19 @@ class Settings:
     weights: str | None = None
     precision: str = "fp32"
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    batch_size: int = 16
+    # Images per forward pass: 8 beat 16 and 32 on 2 cores (bench/bench.py --sweep).
+    batch_size: int = 8
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 100_000_000
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int = 40
+    # Search every vector instead of through the approximate index (HNSW, or SQLite's
+    # binary pre-selection); ef_search sizes the approximate candidate list.
+    exact: bool = False
+    # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
+    # data/thumbs/ for a server index.
+    thumbs_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -46,6 +53,11 @@ class Settings:
                     raise ValueError(
                         f"{PREFIX}{f.name.upper()}={raw!r} is not a whole number"
                     ) from None
+            elif f.type == "bool":
+                flag = raw.strip().lower()
+                if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not 1/0 (or true/false)")
+                values[f.name] = flag in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})

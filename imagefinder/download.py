@@ -71,6 +71,41 @@ def existing_file(output_dir: Path, image_id: str) -> Path | None:
     return None
 
 
+def temp_file(output_dir: Path, image_id: str) -> tuple[int, Path]:
+    """A hidden temporary file beside the final one (same filesystem, so rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{image_id}.", suffix=TEMP_SUFFIX, dir=output_dir
+    )
+    return fd, Path(tmp)
+
+
+def place_file(tmp_path: Path, output_dir: Path, image_id: str, fmt: str) -> Path:
+    """Rename a complete temporary file to ``<id>.<ext>`` (ext from the decoded format)."""
+    final = output_dir / f"{image_id}.{EXTENSIONS[fmt]}"
+    os.replace(tmp_path, final)
+    # A new copy in another format must not leave the old file as a twin.
+    for ext in _SUFFIXES:
+        other = output_dir / f"{image_id}.{ext}"
+        if other != final and other.exists():
+            other.unlink()
+    return final
+
+
+def save_bytes(output_dir: Path, image_id: str, fmt: str, data: bytes) -> Path:
+    """Write ``data`` as ``<id>.<ext>``: temp file, fsync, rename; never a half file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = temp_file(output_dir, image_id)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return place_file(tmp_path, output_dir, image_id, fmt)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
 def sweep_temp_files(output_dir: Path) -> int:
     """Remove temporary files a killed run left behind."""
     n = 0
@@ -181,10 +216,7 @@ class Downloader:
                 raise _Permanent(
                     f"{int(declared):,} bytes, over the {self.options.max_bytes:,} byte limit"
                 )
-            fd, tmp = tempfile.mkstemp(
-                prefix=f"{TEMP_PREFIX}{row.id}.", suffix=TEMP_SUFFIX, dir=self.output_dir
-            )
-            tmp_path = Path(tmp)
+            fd, tmp_path = temp_file(self.output_dir, row.id)
             try:
                 size = 0
                 with os.fdopen(fd, "wb") as f:
@@ -209,14 +241,7 @@ class Downloader:
                 except ImageError as e:
                     ctype = resp.headers.get("Content-Type", "?").split(";")[0]
                     raise _Permanent(f"not an image ({ctype}): {e}") from e
-                final = self.output_dir / f"{row.id}.{EXTENSIONS[fmt]}"
-                os.replace(tmp_path, final)
-                # A re-download in another format must not leave the old file as a twin.
-                for ext in _SUFFIXES:
-                    other = self.output_dir / f"{row.id}.{ext}"
-                    if other != final and other.exists():
-                        other.unlink()
-                return final, size
+                return place_file(tmp_path, self.output_dir, row.id, fmt), size
             finally:
                 if tmp_path.exists():
                     tmp_path.unlink()

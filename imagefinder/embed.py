@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-PRECISIONS = ("fp32", "bf16")
+from .batcher import Batcher
+
+# fp32 and bf16 (autocast) run in PyTorch; bf16-ov and int8 in OpenVINO (optional, see ovmodel.py).
+PRECISIONS = ("fp32", "bf16", "bf16-ov", "int8")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -168,12 +170,14 @@ class Embedder:
         self.weights_id = weights_id
         self.weights_path = weights_path
         self.precision = precision
+        # The OpenVINO model for bf16-ov/int8 (set by load_embedder).
+        self.accelerated: Callable[[np.ndarray], np.ndarray] | None = None
         self.module = module.eval().to(memory_format=torch.channels_last)
         self._mean = torch.tensor(spec.mean).view(3, 1, 1) * 255.0
         self._std = torch.tensor(spec.std).view(3, 1, 1) * 255.0
-        # One forward at a time: torch already spreads a batch over every core,
-        # and concurrent forwards only fight over them.
-        self._lock = threading.Lock()
+        # One forward at a time, all on one thread: torch already spreads a batch over
+        # every core, and concurrent forwards only fight over them (see batcher.py).
+        self._batcher = Batcher(self._forward)
 
     @property
     def name(self) -> str:
@@ -213,9 +217,16 @@ class Embedder:
         return (x.float() - self._mean) / self._std
 
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """(N, 3, S, S) preprocessed batch -> (N, dim) unit float32 vectors."""
+        """(N, 3, S, S) preprocessed batch -> (N, dim) unit float32 vectors. Thread-safe:
+        concurrent calls are merged into one forward."""
+        return self._batcher(batch)
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        if self.accelerated is not None:
+            out = torch.from_numpy(self.accelerated(batch.numpy()))
+            return torch.nn.functional.normalize(out, dim=1).numpy()
         batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             if self.precision == "bf16":
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     out = self.module(batch)
@@ -236,11 +247,37 @@ def load_embedder(
     weights: str | None = None,
     precision: str = "fp32",
     threads: int | None = None,
+    calibration: Sequence[str | Path] = (),
 ) -> Embedder:
-    """Load a model by name. ``weights`` is a torchvision weights name or a file path."""
+    """Load a model by name. ``weights`` is a torchvision weights name or a file path.
+
+    ``calibration``: image files to quantise with, needed once per weights for int8.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     spec = spec_for(name)
     if threads:
         torch.set_num_threads(threads)
     module, weights_id = spec.build(weights)
     path = str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
-    return Embedder(spec, module, weights_id, precision, weights_path=path)
+    embedder = Embedder(spec, module, weights_id, precision, path)
+    if precision in ("bf16-ov", "int8"):
+        from . import ovmodel
+        from .images import ImageError, load_rgb
+
+        def samples() -> list[torch.Tensor]:
+            out = []
+            for f in calibration:
+                try:
+                    out.append(embedder.preprocess(load_rgb(f, 100_000_000, spec.input_size)))
+                except (ImageError, OSError):
+                    continue  # the extraction itself reports unreadable files
+            return out
+
+        try:
+            embedder.accelerated = ovmodel.load(
+                module, spec.name, weights_id, precision, spec.input_size, threads, samples
+            )
+        except ovmodel.OpenVINOUnavailable as e:
+            raise ModelUnavailable(str(e)) from e
+    return embedder

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import SQLiteStore, StoreError
+from .store import Store, StoreError
 
 
 def precision_and_ap(ranked_labels: np.ndarray, label: str, relevant: int, k: int) -> tuple[float, float]:
@@ -21,7 +21,7 @@ def precision_and_ap(ranked_labels: np.ndarray, label: str, relevant: int, k: in
     return precision, ap
 
 
-def evaluate_index(store: SQLiteStore, folder: str | Path, k: int = 3) -> dict:
+def evaluate_index(store: Store, folder: str | Path, k: int = 3) -> dict:
     """Leave-one-out: every labelled image queries the rest through the index's KNN.
 
     precision@k uses the store's own KNN (so it measures whatever search mode

@@ -73,9 +73,14 @@ def _open(source: Source) -> Image.Image:
         raise NotAnImage(f"corrupt image header: {e}") from e
 
 
+def sniff(source: Source) -> str:
+    """The format ``source``'s header names (cheap: no pixels are decoded)."""
+    return _open(source).format or "?"
+
+
 def probe(source: Source, max_pixels: int) -> str:
     """Check that ``source`` (bytes or a path) fully decodes. Returns its format."""
-    fmt = _open(source).format or "?"
+    fmt = sniff(source)
     load_rgb(source, max_pixels)
     return fmt
 

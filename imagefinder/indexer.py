@@ -20,7 +20,7 @@ import torch
 
 from .embed import Embedder
 from .images import ImageError, is_image_path, load_rgb
-from .store import FileState, Item, SQLiteStore
+from .store import Item, Store
 
 
 @dataclass
@@ -65,6 +65,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a file name become surrogates
+        return False
+    return True
+
+
 def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """Image files under ``root`` (recursively), sorted, and the ones refused."""
     found: dict[str, Candidate] = {}
@@ -74,6 +82,12 @@ def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if not is_image_path(path):
+                continue
+            if not _is_utf8(str(path)):
+                # Paths and ids are stored and served as text: a name in another
+                # encoding would fail its whole batch at the insert.
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                refused.append((shown, "file name is not UTF-8; rename the file"))
                 continue
             image_id = file_id(path, root)
             if image_id in found:
@@ -86,6 +100,13 @@ def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 continue
             found[image_id] = Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns)
     return list(found.values()), refused
+
+
+def calibration_sample(folder: str | Path, count: int = 100) -> list[Path]:
+    """Up to ``count`` image files spread evenly over ``folder`` (int8 calibration)."""
+    found, _ = scan(Path(folder))
+    step = max(1, len(found) // count)
+    return [c.path for c in found[::step][:count]]
 
 
 def _bounded_map(fn, items, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
@@ -105,10 +126,10 @@ def _bounded_map(fn, items, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
 
 def index_folder(
     folder: str | Path,
-    store: SQLiteStore,
+    store: Store,
     embedder: Embedder,
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     workers: int = 2,
     prune: bool = False,
     max_pixels: int = 100_000_000,
@@ -148,6 +169,7 @@ def index_folder(
             todo.append(c)
     if on_total:
         on_total(len(todo))
+    store.begin_bulk(len(todo))
 
     def prepare(c: Candidate):
         """Runs in a worker: hash, decide, decode, preprocess."""
@@ -196,9 +218,15 @@ def index_folder(
                     flush()
         flush()
 
-    gone = [i for i, s in known.items() if not Path(s.path).exists()]
+    # A shard judges only its own ids: another machine may mount the folder elsewhere.
+    gone = [
+        i
+        for i, s in known.items()
+        if (select is None or select(i)) and not Path(s.path).exists()
+    ]
     if prune and gone:
         summary.pruned = store.delete(gone)
     else:
         summary.missing = len(gone)
+    store.end_bulk()
     return summary

