@@ -7,10 +7,10 @@ Every error, including FastAPI's own validation errors, leaves in one shape:
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -119,10 +119,8 @@ class BodySizeLimit:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
+        with suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
         if too_large and not started:
             await error_response(413, "too_large", self._message())(scope, receive, send)
 

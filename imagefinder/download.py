@@ -231,7 +231,9 @@ class Downloader:
                     except (requests.RequestException, OSError) as e:
                         if isinstance(e, OSError) and not isinstance(e, requests.RequestException):
                             raise _Permanent(f"cannot write: {e}") from e
-                        raise _Transient(f"connection broke mid-download: {type(e).__name__}")
+                        raise _Transient(
+                            f"connection broke mid-download: {type(e).__name__}"
+                        ) from e
                     f.flush()
                     os.fsync(f.fileno())
                 if size == 0:

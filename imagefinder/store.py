@@ -16,6 +16,7 @@ index consistent and the next run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -207,10 +208,8 @@ class SQLiteStore:
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
-                try:
+                with contextlib.suppress(Exception):
                     conn.close()
-                except Exception:
-                    pass
             self._conns.clear()
         self._local = threading.local()
 
@@ -238,7 +237,9 @@ class SQLiteStore:
             return
         dim = int(identity["dim"])
         with self.transaction() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
             conn.execute(
                 """CREATE TABLE IF NOT EXISTS images (
                     rowid INTEGER PRIMARY KEY,
@@ -305,9 +306,7 @@ class SQLiteStore:
         return FileState(*row) if row else None
 
     def vector_of(self, image_id: str) -> np.ndarray | None:
-        row = self.conn.execute(
-            "SELECT embedding FROM images WHERE id = ?", (image_id,)
-        ).fetchone()
+        row = self.conn.execute("SELECT embedding FROM images WHERE id = ?", (image_id,)).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
 
     def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:

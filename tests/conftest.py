@@ -60,13 +60,27 @@ def db_location(request, tmp_path) -> str:
     database. A test about SQLite files alone is marked ``sqlite_only``."""
     if request.param == "sqlite":
         return str(tmp_path / "index.db")
-    if request.node.get_closest_marker("sqlite_only"):
-        pytest.skip("about SQLite files only")
     return request.getfixturevalue("pg_url")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "sqlite_only: runs against the SQLite store only")
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only: the test never reaches the store (or is about SQLite files): "
+        "run it once, on SQLite",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Drop the PostgreSQL copies of ``sqlite_only`` tests rather than skipping them."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_pg = callspec is not None and callspec.params.get("db_location") == "postgres"
+        (drop if on_pg and item.get_closest_marker("sqlite_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")

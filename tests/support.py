@@ -82,8 +82,16 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **env}
         cmd = [
-            sys.executable, "-m", "uvicorn", "main:app",
-            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
         ]
         if workers > 1:
             cmd += ["--workers", str(workers)]
@@ -118,3 +126,17 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """The response is an error in the one shape every route uses; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"status", "code", "message"} and error["message"]
+    assert error["status"] == status
+    if code:
+        assert error["code"] == code, error
+    return error

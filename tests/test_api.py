@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from support import image_bytes
+from support import assert_error, image_bytes
 
 from imagefinder.api import BODY_SLACK, create_app
 from imagefinder.indexer import index_folder
@@ -59,16 +59,6 @@ def search(client: TestClient, data: bytes, name="query.jpg", ctype="image/jpeg"
     return client.post("/similarity-search", files={"file": (name, data, ctype)}, data=form)
 
 
-def error_of(response, status: int) -> dict:
-    """The error of ``response``, checked to be in the one shape with ``status``."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert list(body) == ["error"]
-    assert set(body["error"]) == {"status", "code", "message"}
-    assert body["error"]["status"] == status and body["error"]["message"]
-    return body["error"]
-
-
 def photo(caltech_dir, image_id: str) -> bytes:
     return (caltech_dir / f"{image_id}.jpg").read_bytes()
 
@@ -102,16 +92,16 @@ def test_k_sets_how_many_come_back(client, caltech_dir, indexed):
 @STORE_UNUSED
 @pytest.mark.parametrize("k", ["0", "101", "abc", "-1", "2.5"])
 def test_a_bad_k_is_422(bare_client, jpeg, k):
-    error = error_of(search(bare_client, jpeg, k=k), 422)
+    error = assert_error(search(bare_client, jpeg, k=k), 422)
     assert error["code"] == "invalid_request"
     assert error["message"].startswith("k: ")
 
 
 @STORE_UNUSED
 def test_a_missing_file_is_422(bare_client):
-    error = error_of(bare_client.post("/similarity-search", data={"k": "3"}), 422)
+    error = assert_error(bare_client.post("/similarity-search", data={"k": "3"}), 422)
     assert "file" in error["message"]
-    error = error_of(bare_client.post("/similarity-search", json={"file": "x"}), 422)
+    error = assert_error(bare_client.post("/similarity-search", json={"file": "x"}), 422)
     assert "file" in error["message"]
 
 
@@ -119,7 +109,7 @@ def test_the_upload_is_judged_by_its_bytes_not_its_name(client, jpeg):
     as_text = search(client, jpeg, name="x.txt", ctype="text/plain")
     assert as_text.status_code == 200, as_text.text
     assert len(as_text.json()["results"]) == 3
-    error = error_of(search(client, b"just some text", name="x.jpg", ctype="image/jpeg"), 400)
+    error = assert_error(search(client, b"just some text", name="x.jpg", ctype="image/jpeg"), 400)
     assert error["code"] == "not_an_image"
 
 
@@ -134,7 +124,7 @@ UNUSABLE = {
 
 def test_uploads_that_are_not_usable_images_are_400(client):
     for case, (data, code, words) in UNUSABLE.items():
-        error = error_of(search(client, data), 400)
+        error = assert_error(search(client, data), 400)
         assert error["code"] == code, case
         assert words in error["message"].lower(), (case, error)
 
@@ -144,10 +134,10 @@ def test_an_upload_over_the_byte_cap_is_413(settings, indexed, lite0):
     cap = len(big) - 1
     with make_client(settings, lite0, max_upload_bytes=cap) as client:
         # Just over the cap: the body fits the framing slack, the file itself does not.
-        error = error_of(search(client, big), 413)
+        error = assert_error(search(client, big), 413)
         assert error["code"] == "too_large" and f"{cap:,} bytes" in error["message"]
         # Far over: refused from Content-Length before anything is read.
-        error = error_of(search(client, big + b"\0" * (BODY_SLACK * 2)), 413)
+        error = assert_error(search(client, big + b"\0" * (BODY_SLACK * 2)), 413)
         assert error["code"] == "too_large"
         assert search(client, image_bytes((64, 48))).status_code == 200
 
@@ -174,12 +164,12 @@ def test_a_streamed_upload_without_content_length_is_capped_too(settings):
             content=chunks(),
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
-        assert error_of(response, 413)["code"] == "too_large"
+        assert assert_error(response, 413)["code"] == "too_large"
 
 
 def test_an_image_over_the_pixel_cap_is_413(settings, indexed, lite0):
     with make_client(settings, lite0, max_pixels=64 * 48 - 1) as client:
-        error = error_of(search(client, image_bytes((64, 48))), 413)
+        error = assert_error(search(client, image_bytes((64, 48))), 413)
     assert error["code"] == "too_many_pixels" and "64x48" in error["message"]
 
 
@@ -188,7 +178,7 @@ def test_an_image_over_the_pixel_cap_is_413(settings, indexed, lite0):
 
 def test_no_index_is_503_naming_the_command_that_builds_it(settings, jpeg):
     with make_client(settings) as client:
-        error = error_of(search(client, jpeg), 503)
+        error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_missing"
         assert (
             f"python extract_image_features.py --folder {settings.images_dir} "
@@ -203,7 +193,7 @@ def test_an_empty_index_is_503(settings, jpeg, lite0):
     store.ensure_schema(lite0.meta())
     store.close()
     with make_client(settings, lite0) as client:
-        error = error_of(search(client, jpeg), 503)
+        error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_empty"
         assert "extract_image_features.py" in error["message"]
         assert client.get("/health").json()["status"] == "empty"
@@ -247,8 +237,8 @@ def test_docs_and_openapi_are_served(bare_client):
 
 @STORE_UNUSED
 def test_unknown_routes_and_methods_use_the_error_shape(bare_client):
-    assert error_of(bare_client.get("/nope"), 404)["code"] == "not_found"
-    assert error_of(bare_client.get("/similarity-search"), 405)["code"] == "method_not_allowed"
+    assert assert_error(bare_client.get("/nope"), 404)["code"] == "not_found"
+    assert assert_error(bare_client.get("/similarity-search"), 405)["code"] == "method_not_allowed"
 
 
 @STORE_UNUSED
@@ -267,4 +257,4 @@ def test_malformed_requests_are_4xx_never_500(bare_client, content, ctype):
         "/similarity-search", content=content, headers={"Content-Type": ctype}
     )
     assert 400 <= response.status_code < 500, response.text
-    error_of(response, response.status_code)
+    assert_error(response, response.status_code)

@@ -31,7 +31,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import LiveServer, image_bytes
+from support import LiveServer, assert_error, image_bytes
 
 from imagefinder.api import create_app
 from imagefinder.cli import cli
@@ -181,17 +181,6 @@ AWKWARD = {
     "jpeg-named-txt": (JPEG, "readme.txt", "JPEG"),
     "jpeg-with-zip-appended": (jpeg_with_zip(), "polyglot.jpg", "JPEG"),
 }
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"status", "code", "message"} and error["message"]
-    assert error["status"] == status
-    if code:
-        assert error["code"] == code, error
-    return error
 
 
 def tree(root: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import image_bytes
+from support import assert_error, image_bytes
 
 from imagefinder.api import create_app
 from imagefinder.config import Settings
@@ -24,17 +24,6 @@ from imagefinder.indexer import index_folder
 from imagefinder.service import Service
 from imagefinder.store import is_postgres, open_store
 from imagefinder.thumbs import SIDE, cache_dir
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"status", "code", "message"}
-    assert error["status"] == status
-    if code:
-        assert error["code"] == code, error
-    return error
 
 
 def build_catalogue(settings: Settings, lite0) -> Path:

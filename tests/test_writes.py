@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import image_bytes
+from support import assert_error, image_bytes
 
 from imagefinder.api import create_app
 from imagefinder.config import Settings
@@ -23,17 +23,6 @@ TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RED = image_bytes((96, 64), (220, 30, 30))
 BLUE_PNG = image_bytes((80, 80), (20, 40, 230), fmt="PNG")
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    """The one error shape every refusal uses."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"status", "code", "message"}
-    assert error["status"] == status
-    if code:
-        assert error["code"] == code, error
-    return error
 
 
 def files_under(root: Path) -> set[str]:
