@@ -66,21 +66,53 @@ def cli() -> None:
 
 @cli.command()
 @click.option(
-    "--csv_file", "--csv-file", "csv_file", required=True,
-    type=click.Path(dir_okay=False), help="CSV with a header 'url,id'.",
+    "--csv_file",
+    "--csv-file",
+    "csv_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV with a header 'url,id'.",
 )
-@click.option("--output-dir", "--output_dir", default="data/images", show_default=True,
-              help="Folder the images are saved to, as <id>.<ext>.")
-@click.option("--manifest", type=click.Path(dir_okay=False),
-              help="Where to write every row's outcome (default: <output-dir>/manifest.csv).")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64),
-              help="Concurrent downloads.")
-@click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds to wait for a server before retrying.")
-@click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 10),
-              help="Retries for timeouts, dropped connections, 429 and 5xx.")
-@click.option("--max-mb", default=50, show_default=True, type=click.IntRange(1),
-              help="Largest file accepted, in MB.")
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    default="data/images",
+    show_default=True,
+    help="Folder the images are saved to, as <id>.<ext>.",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    help="Where to write every row's outcome (default: <output-dir>/manifest.csv).",
+)
+@click.option(
+    "--workers",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Concurrent downloads.",
+)
+@click.option(
+    "--timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds to wait for a server before retrying.",
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 10),
+    help="Retries for timeouts, dropped connections, 429 and 5xx.",
+)
+@click.option(
+    "--max-mb",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest file accepted, in MB.",
+)
 @friendly_errors
 def download(csv_file, output_dir, manifest, workers, timeout, retries, max_mb) -> None:
     """Download every image listed in a CSV of `url,id` rows."""
@@ -92,8 +124,11 @@ def download(csv_file, output_dir, manifest, workers, timeout, retries, max_mb) 
     rows = read_catalog(csv_file)
     settings = load_settings()
     options = DownloadOptions(
-        timeout=timeout, retries=retries, max_bytes=max_mb * 1024 * 1024,
-        max_pixels=settings.max_pixels, workers=workers,
+        timeout=timeout,
+        retries=retries,
+        max_bytes=max_mb * 1024 * 1024,
+        max_pixels=settings.max_pixels,
+        workers=workers,
     )
     for row in rows:
         if row.problem:
@@ -139,20 +174,38 @@ def in_shard(image_id: str, shard: tuple[int, int]) -> bool:
 
 
 @cli.command()
-@click.option("--folder", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder of images; sub-folders are included, ids are file stems.")
+@click.option(
+    "--folder",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of images; sub-folders are included, ids are file stems.",
+)
 @db_option
-@click.option("--model", type=click.Choice(["resnet50", "efficientnet-lite0"]),
-              help="Embedding model (default: $IMAGEFINDER_MODEL or resnet50).")
-@click.option("--weights", help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
-              "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "bf16-ov", "int8"]),
-              help="fp32 (default); bf16 (PyTorch autocast) is faster on CPUs with AVX-512 "
-              "BF16; bf16-ov and int8 (fastest) run in OpenVINO: pip install "
-              "'imagefinder[openvino]'.")
+@click.option(
+    "--model",
+    type=click.Choice(["resnet50", "efficientnet-lite0"]),
+    help="Embedding model (default: $IMAGEFINDER_MODEL or resnet50).",
+)
+@click.option(
+    "--weights",
+    help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
+    "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "bf16-ov", "int8"]),
+    help="fp32 (default); bf16 (PyTorch autocast) is faster on CPUs with AVX-512 "
+    "BF16; bf16-ov and int8 (fastest) run in OpenVINO: pip install "
+    "'imagefinder[openvino]'.",
+)
 @click.option("--batch-size", type=click.IntRange(1, 256), help="Images per forward pass.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 32),
-              help="Decoding threads running beside inference.")
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Decoding threads running beside inference.",
+)
 @click.option("--prune", is_flag=True, help="Delete index rows whose files are gone.")
 @click.option("--shard", help="Index only shard i of n (by a stable hash of the id), e.g. 0/4.")
 @friendly_errors
@@ -163,8 +216,9 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
     from .store import open_store
 
     shard_spec = parse_shard(shard)
-    settings = load_settings(db=db, model=model, weights=weights, precision=precision,
-                             batch_size=batch_size)
+    settings = load_settings(
+        db=db, model=model, weights=weights, precision=precision, batch_size=batch_size
+    )
     store = open_store(settings.db)
     existing = store.meta()
     if existing and model is None:
@@ -176,16 +230,21 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
             settings = settings.with_(weights=weights_for_index(existing, settings))
     click.echo(f"Loading {settings.model} ...", err=True)
     calibration = calibration_sample(folder) if settings.precision == "int8" else ()
-    embedder = load_embedder(settings.model, settings.weights, settings.precision,
-                             settings.threads, calibration)
+    embedder = load_embedder(
+        settings.model, settings.weights, settings.precision, settings.threads, calibration
+    )
     bar = click.progressbar(length=0, label="Embedding", file=sys.stderr)
 
     def on_total(n):
         bar.length = n
 
     summary = index_folder(
-        folder, store, embedder,
-        batch_size=settings.batch_size, workers=workers, prune=prune,
+        folder,
+        store,
+        embedder,
+        batch_size=settings.batch_size,
+        workers=workers,
+        prune=prune,
         max_pixels=settings.max_pixels,
         select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
         on_total=on_total,
@@ -197,15 +256,18 @@ def extract(folder, db, model, weights, precision, batch_size, workers, prune, s
     store.close()
     click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
     if summary.missing:
-        click.echo(f"{summary.missing} indexed files no longer exist; run with --prune to remove them",
-                   err=True)
+        click.echo(
+            f"{summary.missing} indexed files no longer exist; run with --prune to remove them",
+            err=True,
+        )
 
 
 @cli.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @db_option
-@click.option("-k", default=3, show_default=True, type=click.IntRange(1, 100),
-              help="How many neighbours.")
+@click.option(
+    "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
 @friendly_errors
 def search(image, db, k, as_json) -> None:
@@ -219,10 +281,16 @@ def search(image, db, k, as_json) -> None:
         raise click.ClickException(e.message) from e
     if as_json:
         meta = service.store.meta()
-        click.echo(json.dumps({
-            "model": meta.get("model"), "metric": meta.get("metric"),
-            "results": [{"id": i, "distance": d} for i, d in results],
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "model": meta.get("model"),
+                    "metric": meta.get("metric"),
+                    "results": [{"id": i, "distance": d} for i, d in results],
+                },
+                indent=2,
+            )
+        )
     else:
         for image_id, distance in results:
             click.echo(f"{distance:.4f}  {image_id}")
@@ -254,11 +322,16 @@ def info(db, as_json) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--folder", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder with one sub-folder per class, already indexed.")
+@click.option(
+    "--folder",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder with one sub-folder per class, already indexed.",
+)
 @db_option
-@click.option("-k", default=3, show_default=True, type=click.IntRange(1, 100),
-              help="Cut-off for precision@k.")
+@click.option(
+    "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Cut-off for precision@k."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @friendly_errors
 def evaluate(folder, db, k, as_json) -> None:
@@ -272,15 +345,22 @@ def evaluate(folder, db, k, as_json) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"{report['queries']} queries over {report['classes']} classes: "
-                   f"precision@{k} = {report['precision_at_k']:.4f}, mAP = {report['map']:.4f}")
+        click.echo(
+            f"{report['queries']} queries over {report['classes']} classes: "
+            f"precision@{k} = {report['precision_at_k']:.4f}, mAP = {report['map']:.4f}"
+        )
 
 
 @cli.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000),
-              help="Rows per transaction.")
+@click.option(
+    "--batch-size",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Rows per transaction.",
+)
 @friendly_errors
 def copy(src, dst, batch_size) -> None:
     """Copy the index SRC into DST (each a SQLite file or a postgresql:// URL).
@@ -297,8 +377,9 @@ def copy(src, dst, batch_size) -> None:
         def on_total(n):
             bar.length = n
 
-        copied = copy_index(source, target, batch=batch_size, on_total=on_total,
-                            on_progress=bar.update)
+        copied = copy_index(
+            source, target, batch=batch_size, on_total=on_total, on_progress=bar.update
+        )
     total = target.count()
     source.close()
     target.close()

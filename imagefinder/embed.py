@@ -259,7 +259,9 @@ def load_embedder(
     if threads:
         torch.set_num_threads(threads)
     module, weights_id = spec.build(weights)
-    path = str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
+    path = (
+        str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
+    )
     embedder = Embedder(spec, module, weights_id, precision, path)
     if precision in ("bf16-ov", "int8"):
         from . import ovmodel

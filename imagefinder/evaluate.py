@@ -9,7 +9,9 @@ import numpy as np
 from .store import Store, StoreError
 
 
-def precision_and_ap(ranked_labels: np.ndarray, label: str, relevant: int, k: int) -> tuple[float, float]:
+def precision_and_ap(
+    ranked_labels: np.ndarray, label: str, relevant: int, k: int
+) -> tuple[float, float]:
     """precision@k and average precision of one ranking (query already removed)."""
     hits = ranked_labels == label
     precision = float(hits[:k].mean()) if k else 0.0
