@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--commit", action="store_true", help="write results/committed.*")
     args = parser.parse_args()
     sections = args.only or list(SECTIONS)
+    if "knn" in sections and importlib.util.find_spec("faiss") is None:
+        sys.exit("the KNN section compares against faiss: pip install faiss-cpu (bench only)")
     started = time.time()
 
     def log(message: str) -> None:

@@ -30,8 +30,12 @@ RANDOM_WEIGHTS = CACHE / "resnet50-random.pth"
 
 def defaults() -> dict:
     """The settings ``imagefinder extract`` uses when given no options."""
-    workers = inspect.signature(index_folder).parameters["workers"].default
-    return {"batch_size": Settings().batch_size, "workers": workers}
+    params = inspect.signature(index_folder).parameters
+    return {
+        "batch_size": Settings().batch_size,
+        "workers": params["workers"].default,
+        "overlap": params["overlap"].default,
+    }
 
 
 def random_resnet50() -> str:
@@ -164,15 +168,17 @@ def row(corpus, model, pipeline, precision, result, naive, forward) -> dict:
 
 
 def sweep(work: Path, quick: bool, log) -> list[dict]:
-    """Batch size x decode workers x torch threads on the large photos (ResNet50 fp32)."""
-    folder = large_photos(12 if quick else 48)
+    """Batch size x decode workers x torch threads x decoding beside inference or
+    between batches, on the large photos (ResNet50 fp32)."""
+    folder = large_photos(12 if quick else 96)
     warm_files(folder)
     out = []
-    combos = [(bs, w, 2) for bs in (4, 8, 16, 32) for w in (1, 2)]
-    combos += [(8, 1, 1), (8, 2, 1)]
-    for bs, w, t in combos:
-        log(f"sweep batch {bs} workers {w} threads {t}")
-        db = work / f"sweep-{bs}-{w}-{t}.db"
+    combos = [(bs, 2, 2, False) for bs in (4, 8, 16, 32)]
+    combos += [(8, 1, 2, False), (8, 1, 1, False)]
+    combos += [(bs, w, 2, True) for bs in (8, 16) for w in (1, 2)]
+    for bs, w, t, overlap in combos:
+        log(f"sweep batch {bs} workers {w} threads {t} overlap {overlap}")
+        db = work / f"sweep-{bs}-{w}-{t}-{overlap}.db"
         r = pipelines.run(
             "imagefinder",
             folder=folder,
@@ -183,9 +189,16 @@ def sweep(work: Path, quick: bool, log) -> list[dict]:
             batch_size=bs,
             workers=w,
             threads=t,
+            overlap=overlap,
         )
         out.append(
-            {"batch_size": bs, "workers": w, "threads": t, "images_per_s": r["images_per_s"]}
+            {
+                "batch_size": bs,
+                "workers": w,
+                "threads": t,
+                "overlap": overlap,
+                "images_per_s": r["images_per_s"],
+            }
         )
         db.unlink()
     return out

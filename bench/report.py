@@ -37,9 +37,15 @@ def render(r: dict) -> str:
             "### Pipeline settings sweep (large photos, ResNet50 fp32)",
             "",
             table(
-                ["batch size", "decode workers", "torch threads", "images/s"],
+                ["batch size", "decode workers", "torch threads", "decoding", "images/s"],
                 [
-                    [s["batch_size"], s["workers"], s["threads"], s["images_per_s"]]
+                    [
+                        s["batch_size"],
+                        s["workers"],
+                        s["threads"],
+                        "beside inference" if s.get("overlap") else "between batches",
+                        s["images_per_s"],
+                    ]
                     for s in r["sweep"]
                 ],
             ),
@@ -64,7 +70,8 @@ def indexing_section(ix: dict) -> list[str]:
         "## 1. Indexing throughput (files to committed rows)",
         "",
         f"imagefinder = `index_folder` with the `extract` defaults (batch {s['batch_size']}, "
-        f"{s['workers']} decode workers); naive reference = per image a full PIL decode, "
+        f"{s['workers']} decode workers, decoding "
+        f"{'beside inference' if s.get('overlap') else 'between batches'}); naive reference = per image a full PIL decode, "
         "`Resize((224, 224))`, a batch-1 forward, an insert and a commit. ResNet50 runs a "
         "random state dict (time only). Each pipeline in its own process; peak RSS is that "
         "process's.",

@@ -30,6 +30,7 @@ from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .config import DEFAULT_EF_SEARCH
 from .store import (
     SCHEMA_VERSION,
     FileState,
@@ -103,7 +104,14 @@ class PGStore:
     # Memory for building the HNSW index; a graph that does not fit is built on disk, slowly.
     build_memory = "1GB"
 
-    def __init__(self, url: str, *, ef_search: int = 40, exact: bool = False, pool_size: int = 8):
+    def __init__(
+        self,
+        url: str,
+        *,
+        ef_search: int = DEFAULT_EF_SEARCH,
+        exact: bool = False,
+        pool_size: int = 8,
+    ):
         self.url = url
         self.ef_search = ef_search
         self.exact = exact

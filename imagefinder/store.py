@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from . import coarse
+from .config import DEFAULT_EF_SEARCH
 
 SCHEMA_VERSION = 1
 METRIC = "l2"
@@ -171,7 +172,7 @@ class SQLiteStore:
         self,
         path: str | Path,
         *,
-        ef_search: int = 40,
+        ef_search: int = DEFAULT_EF_SEARCH,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
     ):
@@ -480,7 +481,9 @@ def display_location(location: str | Path) -> str:
     return urlunsplit(parts)
 
 
-def open_store(location: str | Path, *, ef_search: int = 40, exact: bool = False) -> Store:
+def open_store(
+    location: str | Path, *, ef_search: int = DEFAULT_EF_SEARCH, exact: bool = False
+) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
     anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
