@@ -36,6 +36,11 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## Speed and quality, side by side (about 15-25 min); bench/results/<time>.{json,md}.
+bench: venv
+	$(BIN)/pip install -q 'faiss-cpu>=1.9'
+	$(BIN)/python bench/bench.py --sweep
+
 ## pgvector HNSW vs the SQLite path over 100k synthetic vectors; bench/results/stores.json.
 bench-stores: venv
 	$(BIN)/python bench/bench_stores.py
