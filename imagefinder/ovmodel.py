@@ -6,8 +6,9 @@ when other work shares the cores. Both packages are optional
 (``pip install 'imagefinder[openvino]'``) and imported only here, only when asked for.
 
 Converting a model takes tens of seconds and int8 also needs calibration images, so
-the result is cached on disk, keyed by model, weights, precision and OpenVINO version:
-``~/.cache/imagefinder/openvino`` or ``$IMAGEFINDER_CACHE_DIR/openvino``. The vectors
+the result is cached on disk, keyed by model, weights, precision and OpenVINO version,
+beside torch's own downloaded weights: ``torch.hub.get_dir()/imagefinder-openvino``
+(``~/.cache/torch/hub/...``, or under ``$TORCH_HOME``). The vectors
 stay interchangeable with fp32 ones (bench/bench.py measures cosine and retrieval
 quality), so an index does not record which precision wrote it.
 """
@@ -33,8 +34,7 @@ class OpenVINOUnavailable(ImportError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("IMAGEFINDER_CACHE_DIR") or Path.home() / ".cache" / "imagefinder"
-    return Path(base) / "openvino"
+    return Path(torch.hub.get_dir()) / "imagefinder-openvino"
 
 
 def _import():

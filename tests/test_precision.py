@@ -61,16 +61,16 @@ def test_torch_bf16_vectors_match_fp32(batch, reference):
 
 @pytest.fixture
 def model_cache(tmp_path_factory, monkeypatch):
-    folder = tmp_path_factory.getbasetemp() / "openvino-cache"
-    monkeypatch.setenv("IMAGEFINDER_CACHE_DIR", str(folder))
-    return folder
+    folder = tmp_path_factory.getbasetemp() / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(folder))  # converted models live under torch's hub dir
+    return folder / "hub" / "imagefinder-openvino"
 
 
 def test_openvino_bf16_is_converted_once_and_matches_fp32(model_cache, batch, reference):
     pytest.importorskip("openvino")
     first = load_embedder("efficientnet-lite0", precision="bf16-ov", threads=2)
     assert cosines(first.embed_tensors(batch), reference).min() > 0.99
-    (xml,) = model_cache.glob("openvino/efficientnet-lite0-bundled-bf16-ov-*.xml")
+    (xml,) = model_cache.glob("efficientnet-lite0-bundled-bf16-ov-*.xml")
     converted_at = xml.stat().st_mtime_ns
     again = load_embedder("efficientnet-lite0", precision="bf16-ov", threads=2)
     assert xml.stat().st_mtime_ns == converted_at  # the cache, keyed by weights, was reused
