@@ -11,11 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 PREFIX = "IMAGEFINDER_"
-# Candidates an approximate search re-ranks exactly (SQLite's binary pre-selection,
-# pgvector's hnsw.ef_search). 40 lost true neighbours on harder synthetic data
-# (recall@3 0.77 at 30k for SQLite, 0.975 at 100k for HNSW); 200 held 1.0 on every
-# data set measured, for a few ms more (bench/knn.py, bench/bench_stores.py).
-DEFAULT_EF_SEARCH = 200
+# Candidates an approximate search re-ranks exactly, per store, unless
+# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
+# (recall@3 0.73 for SQLite at 100k, 0.975 for pgvector HNSW). SQLite's Hamming pass
+# slows with the candidate count (100k vectors: 100 -> 24 ms, recall 0.993; 200 -> 41 ms),
+# while HNSW at 200 stays near 19 ms with recall 1.0 (bench/knn.py, bench/bench_stores.py).
+DEFAULT_EF_SEARCH = 200  # pgvector
+DEFAULT_SQLITE_CANDIDATES = 100
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Settings:
     max_pixels: int = 100_000_000
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
-    ef_search: int = DEFAULT_EF_SEARCH
+    ef_search: int | None = None  # None: each store's own default (above)
     # Search every vector instead of through the approximate index (HNSW, or SQLite's
     # binary pre-selection); ef_search sizes the approximate candidate list.
     exact: bool = False
@@ -51,7 +53,7 @@ class Settings:
                 continue
             if f.name == "cors_origins":
                 values[f.name] = tuple(o.strip() for o in raw.split(",") if o.strip())
-            elif f.type in ("int",):
+            elif f.type in ("int", "int | None"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:

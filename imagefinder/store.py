@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from . import coarse
-from .config import DEFAULT_EF_SEARCH
+from .config import DEFAULT_EF_SEARCH, DEFAULT_SQLITE_CANDIDATES
 
 SCHEMA_VERSION = 1
 METRIC = "l2"
@@ -172,7 +172,7 @@ class SQLiteStore:
         self,
         path: str | Path,
         *,
-        ef_search: int = DEFAULT_EF_SEARCH,
+        ef_search: int = DEFAULT_SQLITE_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
     ):
@@ -481,9 +481,7 @@ def display_location(location: str | Path) -> str:
     return urlunsplit(parts)
 
 
-def open_store(
-    location: str | Path, *, ef_search: int = DEFAULT_EF_SEARCH, exact: bool = False
-) -> Store:
+def open_store(location: str | Path, *, ef_search: int | None = None, exact: bool = False) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
     anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
@@ -497,5 +495,5 @@ def open_store(
                 f"a postgresql:// index needs psycopg ({e}); install it with: "
                 "pip install 'imagefinder[postgres]'"
             ) from None
-        return PGStore(str(location), ef_search=ef_search, exact=exact)
-    return SQLiteStore(location, ef_search=ef_search, exact=exact)
+        return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
+    return SQLiteStore(location, ef_search=ef_search or DEFAULT_SQLITE_CANDIDATES, exact=exact)
