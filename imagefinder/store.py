@@ -138,7 +138,10 @@ class Store(Protocol):
 
     def vector_of(self, image_id: str) -> np.ndarray | None: ...
 
-    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]: ...
+    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
+        """Yield lists of (id, path, vector), in rowid order."""
+        for items in self.iter_items(batch):
+            yield [(it.id, it.path, it.vector) for it in items]
 
     def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]: ...
 
