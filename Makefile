@@ -6,10 +6,10 @@ PORT ?= 8000
 
 .PHONY: venv run demo test lint format bench bench-stores loadtest clean
 
-$(BIN)/imagefinder: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/imagefinder: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/imagefinder
@@ -28,9 +28,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-lint:
+lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format:
 	$(BIN)/ruff format .

@@ -1,5 +1,5 @@
 """The ASGI app for `uvicorn main:app`; configure it with IMAGEFINDER_* variables."""
 
-from imagefinder.api import create_app
+from imagefinder.server.app import create_app
 
 app = create_app()

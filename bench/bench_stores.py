@@ -37,8 +37,9 @@ sys.path[:0] = [str(BENCH), str(ROOT / "tests"), str(ROOT)]
 
 from pgtest import create_database, temporary_server  # noqa: E402
 
-from imagefinder.pgstore import HNSW, IMAGES, PGStore  # noqa: E402
-from imagefinder.store import Item, SQLiteStore  # noqa: E402
+from imagefinder.store import Item  # noqa: E402
+from imagefinder.store.postgres import HNSW, IMAGES, PGStore  # noqa: E402
+from imagefinder.store.sqlite import SQLiteStore  # noqa: E402
 
 BATCH = 1000
 CALTECH = ROOT.parent / "shared" / "data" / "caltech101-dev"
@@ -182,8 +183,8 @@ def bench_postgres(url: str, vectors, queries, truth, k, sweep: list[int]) -> di
 
 def bench_caltech(folder: Path, pg_url: str) -> dict:
     """efficientnet-lite0 over the Caltech photos into each store (model loaded once)."""
-    from imagefinder.embed import load_embedder
     from imagefinder.indexer import index_folder
+    from imagefinder.model.embedder import load_embedder
 
     embedder = load_embedder("efficientnet-lite0")
     out = {}

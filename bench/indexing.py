@@ -21,7 +21,7 @@ from corpus import CACHE, CALTECH, caltech_subset, large_photos
 from imagefinder.config import Settings
 from imagefinder.evaluate import evaluate_index
 from imagefinder.indexer import index_folder
-from imagefinder.store import SQLiteStore
+from imagefinder.store.sqlite import SQLiteStore
 
 MODELS = ("resnet50", "efficientnet-lite0")
 PRECISIONS = ("fp32", "bf16", "bf16-ov", "int8")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from support import clustered_vectors
 
-from imagefinder import coarse
-from imagefinder.store import Item, SQLiteStore
+from imagefinder.store import Item, coarse
+from imagefinder.store.sqlite import SQLiteStore
 
 DIM = 2048
 K = 3

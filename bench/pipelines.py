@@ -29,9 +29,11 @@ def naive(args) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from imagefinder.embed import spec_for
-    from imagefinder.indexer import scan, sha256_file
-    from imagefinder.store import Item, SQLiteStore
+    from imagefinder.files import sha256_file
+    from imagefinder.indexer import scan
+    from imagefinder.model.registry import spec_for
+    from imagefinder.store import Item
+    from imagefinder.store.sqlite import SQLiteStore
 
     torch.set_num_threads(args.threads)
     spec = spec_for(args.model)
@@ -73,7 +75,7 @@ def imagefinder(args) -> dict:
     import torch
 
     from imagefinder.indexer import index_folder
-    from imagefinder.store import SQLiteStore
+    from imagefinder.store.sqlite import SQLiteStore
 
     embedder, load_seconds = _load(args, args.folder)
     size = embedder.spec.input_size
@@ -127,8 +129,8 @@ def forward(args) -> dict:
 
 def _load(args, calibration_folder):
     """The embedder as ``imagefinder extract`` loads it (int8 calibrates on the folder)."""
-    from imagefinder.embed import load_embedder
     from imagefinder.indexer import calibration_sample
+    from imagefinder.model.embedder import load_embedder
 
     start = time.perf_counter()
     calibration = ()

@@ -41,8 +41,8 @@ def rss_mb(pid: int) -> float:
 def in_process(photo: bytes, model: str, weights: str | None, repeats: int) -> dict:
     """Decode + preprocess + one batch-1 forward, as the server does it, minus HTTP."""
     from imagefinder.config import Settings
-    from imagefinder.embed import load_embedder
     from imagefinder.images import load_rgb
+    from imagefinder.model.embedder import load_embedder
 
     settings = Settings()
     embedder = load_embedder(model, weights, "fp32", settings.threads)

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .errors import CatalogError
+
 MAX_ID_LENGTH = 128
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 ALLOWED_SCHEMES = ("http", "https")
-
-
-class CatalogError(ValueError):
-    """The CSV as a whole cannot be used (bad header, not text)."""
 
 
 def id_problem(image_id: str) -> str | None:

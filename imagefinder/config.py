@@ -9,15 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
 
 PREFIX = "IMAGEFINDER_"
-# Candidates an approximate search re-ranks exactly, per store, unless
-# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 for SQLite at 100k, 0.975 for pgvector HNSW). SQLite's Hamming pass
-# slows with the candidate count (100k vectors: 100 -> 24 ms, recall 0.993; 200 -> 41 ms),
-# while HNSW at 200 stays near 19 ms with recall 1.0 (bench/knn.py, bench/bench_stores.py).
-DEFAULT_EF_SEARCH = 200  # pgvector
-DEFAULT_SQLITE_CANDIDATES = 100
 
 
 @dataclass(frozen=True)
@@ -34,7 +30,7 @@ class Settings:
     max_pixels: int = 100_000_000
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
-    ef_search: int | None = None  # None: each store's own default (above)
+    ef_search: int | None = None  # None: each store's own default
     # Search every vector instead of through the approximate index (HNSW, or SQLite's
     # binary pre-selection); ef_search sizes the approximate candidate list.
     exact: bool = False
@@ -43,10 +39,10 @@ class Settings:
     thumbs_dir: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``IMAGEFINDER_<FIELD>`` variables, then apply overrides."""
         environ = os.environ if environ is None else environ
-        values: dict = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
@@ -57,18 +53,20 @@ class Settings:
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{PREFIX}{f.name.upper()}={raw!r} is not a whole number"
                     ) from None
             elif f.type == "bool":
                 flag = raw.strip().lower()
                 if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not 1/0 (or true/false)")
+                    raise ConfigError(
+                        f"{PREFIX}{f.name.upper()}={raw!r} is not 1/0 (or true/false)"
+                    )
                 values[f.name] = flag in ("1", "true", "yes", "on")
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def with_(self, **changes) -> Settings:
+    def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,8 +1,7 @@
 """Download a catalogue's images: concurrent, retried, capped, atomic.
 
 A response only counts once it decodes as an image. Bytes go to a hidden
-temporary file in the output folder and are renamed into place, so a crash
-never leaves a half file under a real name; leftovers are swept on the next run.
+temporary file in the output folder and are renamed into place (``files.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import csv
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,15 +21,13 @@ import requests
 
 from . import __version__
 from .catalog import Row, url_problem
-from .images import EXTENSIONS, ImageError, probe
+from .errors import ImageError
+from .files import existing_file, place_file, sweep_temp_files, temp_file
+from .images import probe
 
 USER_AGENT = f"ImageFinder/{__version__} (+https://github.com/imagefinder; image downloader)"
-TEMP_PREFIX = ".imagefinder-"
-TEMP_SUFFIX = ".part"
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_REDIRECTS = 5
-# Every suffix a downloaded image may carry, so one id never has two files.
-_SUFFIXES = sorted(set(EXTENSIONS.values()) | {"jpeg", "tiff"})
 
 
 @dataclass(frozen=True)
@@ -61,61 +57,6 @@ class _Permanent(Exception):
 
 class _Transient(Exception):
     """A failure worth retrying (timeouts, connection resets, 5xx, 429)."""
-
-
-def existing_file(output_dir: Path, image_id: str) -> Path | None:
-    for ext in _SUFFIXES:
-        path = output_dir / f"{image_id}.{ext}"
-        if path.is_file():
-            return path
-    return None
-
-
-def temp_file(output_dir: Path, image_id: str) -> tuple[int, Path]:
-    """A hidden temporary file beside the final one (same filesystem, so rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=f"{TEMP_PREFIX}{image_id}.", suffix=TEMP_SUFFIX, dir=output_dir
-    )
-    return fd, Path(tmp)
-
-
-def place_file(tmp_path: Path, output_dir: Path, image_id: str, fmt: str) -> Path:
-    """Rename a complete temporary file to ``<id>.<ext>`` (ext from the decoded format)."""
-    final = output_dir / f"{image_id}.{EXTENSIONS[fmt]}"
-    os.replace(tmp_path, final)
-    # A new copy in another format must not leave the old file as a twin.
-    for ext in _SUFFIXES:
-        other = output_dir / f"{image_id}.{ext}"
-        if other != final and other.exists():
-            other.unlink()
-    return final
-
-
-def save_bytes(output_dir: Path, image_id: str, fmt: str, data: bytes) -> Path:
-    """Write ``data`` as ``<id>.<ext>``: temp file, fsync, rename; never a half file."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = temp_file(output_dir, image_id)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return place_file(tmp_path, output_dir, image_id, fmt)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def sweep_temp_files(output_dir: Path) -> int:
-    """Remove temporary files a killed run left behind."""
-    n = 0
-    for path in output_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        try:
-            path.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
 
 
 class Downloader:
@@ -154,7 +95,9 @@ class Downloader:
         return [outcomes[row.line] for row in rows]
 
     def fetch_row(self, row: Row) -> Outcome:
-        def out(status: str, reason: str = "", path: Path | None = None, size: int = 0):
+        def out(
+            status: str, reason: str = "", path: Path | None = None, size: int = 0
+        ) -> Outcome:
             return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size)
 
         if row.problem:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import Store, StoreError
+from .errors import StoreError
+from .store import Store
 
 
 def precision_and_ap(

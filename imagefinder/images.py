@@ -9,27 +9,42 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-# Formats we decode. Restricting Image.open keeps exotic plugins (EPS calls
-# Ghostscript, for one) away from untrusted uploads.
-# MPO (multi-picture JPEGs from phones) opens through the JPEG plugin.
-FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
-EXTENSIONS = {
-    "JPEG": "jpg",
-    "MPO": "jpg",
-    "PNG": "png",
-    "GIF": "gif",
-    "WEBP": "webp",
-    "BMP": "bmp",
-    "TIFF": "tif",
+from .errors import ImageError, NotAnImage, TooManyPixels
+
+
+@dataclass(frozen=True)
+class Format:
+    """One image format: how it is saved, served and recognised by file name."""
+
+    extension: str  # what a saved file gets: <id>.<extension>
+    media_type: str
+    suffixes: tuple[str, ...]  # every suffix a file of this format may carry
+
+
+# The formats we decode, by Pillow's name. Restricting Image.open to these keeps exotic
+# plugins (EPS calls Ghostscript, for one) away from untrusted uploads. MPO
+# (multi-picture JPEGs from phones) opens through the JPEG plugin; browsers show its
+# first frame.
+_JPEG = Format("jpg", "image/jpeg", ("jpg", "jpeg"))
+FORMATS: dict[str, Format] = {
+    "JPEG": _JPEG,
+    "MPO": _JPEG,
+    "PNG": Format("png", "image/png", ("png",)),
+    "GIF": Format("gif", "image/gif", ("gif",)),
+    "WEBP": Format("webp", "image/webp", ("webp",)),
+    "BMP": Format("bmp", "image/bmp", ("bmp",)),
+    "TIFF": Format("tif", "image/tiff", ("tif", "tiff")),
 }
-# Suffixes that the extractor treats as images (their content is still checked).
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+_OPEN_FORMATS = tuple(name for name in FORMATS if name != "MPO")
+# Every suffix an image file may carry (the extractor's filter, the downloader's twins).
+SUFFIXES = tuple(sorted({s for f in FORMATS.values() for s in f.suffixes}))
 
 # Register every plugin now: Image.open(formats=...) only looks at loaded ones.
 Image.init()
@@ -40,22 +55,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(ValueError):
-    """The input cannot be used as an image. ``status`` is the HTTP status to report."""
-
-    status = 400
-    code = "not_an_image"
-
-
-class NotAnImage(ImageError):
-    pass
-
-
-class TooManyPixels(ImageError):
-    status = 413
-    code = "too_many_pixels"
-
-
 Source = bytes | str | Path | BinaryIO
 
 
@@ -64,11 +63,11 @@ def _open(source: Source) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(fp, formats=FORMATS)
+            return Image.open(fp, formats=_OPEN_FORMATS)
     except FileNotFoundError:
         raise
     except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise NotAnImage(f"not a supported image ({', '.join(FORMATS)})") from e
+        raise NotAnImage(f"not a supported image ({', '.join(_OPEN_FORMATS)})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise NotAnImage(f"corrupt image header: {e}") from e
 
@@ -135,4 +134,4 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def is_image_path(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    return path.suffix.lower().lstrip(".") in SUFFIXES and not path.name.startswith(".")

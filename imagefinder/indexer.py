@@ -11,16 +11,26 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from .embed import Embedder
-from .images import ImageError, is_image_path, load_rgb
+from .errors import ImageError
+from .files import sha256_file
+from .images import is_image_path, load_rgb
+from .model.embedder import Embedder
 from .store import Item, Store
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+# What a decode worker hands back: the file, its hash, its tensor (None when its content
+# is already indexed), or the reason it was skipped.
+Prepared = tuple["Candidate", str | None, torch.Tensor | None, str | None]
 
 
 @dataclass
@@ -57,12 +67,11 @@ def file_id(path: Path, root: Path) -> str:
     return rel.as_posix()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def in_shard(image_id: str, shard: tuple[int, int]) -> bool:
+    """Whether ``image_id`` falls in shard ``(i, n)``: by a hash that is the same on every
+    machine and in every Python run (unlike hash())."""
+    digest = hashlib.sha1(image_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shard[1] == shard[0]
 
 
 def _is_utf8(text: str) -> bool:
@@ -109,9 +118,11 @@ def calibration_sample(folder: str | Path, count: int = 100) -> list[Path]:
     return [c.path for c in found[::step][:count]]
 
 
-def _bounded_map(fn, items, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
+def _bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecutor, ahead: int
+) -> Iterator[R]:
     """Like ``pool.map`` but with at most ``ahead`` results in flight."""
-    pending: deque[Future] = deque()
+    pending: deque[Future[R]] = deque()
     it = iter(items)
     for item in it:
         pending.append(pool.submit(fn, item))
@@ -124,7 +135,9 @@ def _bounded_map(fn, items, pool: ThreadPoolExecutor, ahead: int) -> Iterator:
             break
 
 
-def _chunked_map(fn, items, pool: ThreadPoolExecutor, chunk: int) -> Iterator:
+def _chunked_map(
+    fn: Callable[[T], R], items: Sequence[T], pool: ThreadPoolExecutor, chunk: int
+) -> Iterator[R]:
     """Like ``pool.map``, one chunk at a time: nothing decodes while the caller works."""
     for start in range(0, len(items), chunk):
         yield from pool.map(fn, items[start : start + chunk])
@@ -161,8 +174,8 @@ def index_folder(
 
     store.ensure_schema(embedder.meta())
     candidates, refused = scan(root)
-    for path, reason in refused:
-        skip(path, reason)
+    for refused_path, why in refused:
+        skip(refused_path, why)
     if select is not None:
         candidates = [c for c in candidates if select(c.id)]
     known = store.file_states()
@@ -178,7 +191,7 @@ def index_folder(
         on_total(len(todo))
     store.begin_bulk(len(todo))
 
-    def prepare(c: Candidate):
+    def prepare(c: Candidate) -> Prepared:
         """Runs in a worker: hash, decide, decode, preprocess."""
         try:
             digest = sha256_file(c.path)
@@ -226,6 +239,7 @@ def index_folder(
                 if on_progress:
                     on_progress(1)
             else:
+                assert digest is not None  # every tensor comes with its file's hash
                 batch.append((c, digest, tensor))
                 if len(batch) >= batch_size:
                     flush()

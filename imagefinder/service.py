@@ -1,29 +1,24 @@
-"""What the API needs behind its routes: settings, the store, the loaded model.
+"""An index with its model: what searches and writes need, for the server and the CLI.
 
-Kept apart from ``api.py`` so routes stay thin and so the CLI's ``search`` uses
-the very same code path as ``POST /similarity-search``.
+Which model and weights an index uses is decided here, in ``choose_model``, for
+every caller: the API's searches and writes, and the CLI's ``extract`` and ``search``.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .config import Settings
-from .embed import Embedder, load_embedder
+from .errors import IndexNotReady, StoreError, unknown_id
 from .images import load_rgb
-from .store import Store, StoreError, display_location, open_store
-
-
-class ServiceError(Exception):
-    """An error with an HTTP status and a stable machine-readable code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+from .model.embedder import Embedder, load_embedder
+from .store import Store, display_location, open_store
+from .store.base import check_compatible
 
 
 def build_command(settings: Settings) -> str:
@@ -53,6 +48,34 @@ class Service:
     def close(self) -> None:
         self.store.close()
 
+    # -- which model -----------------------------------------------------------
+
+    def choose_model(
+        self, model: str | None = None, weights: str | None = None
+    ) -> tuple[str, str | None]:
+        """The model name and weights argument for this index: its own once it exists
+        (an explicit ``model`` must match it: checked here, before anything loads),
+        else ``model``/``weights``, else the settings."""
+        existing = self.store.meta()
+        if not existing:
+            return model or self.settings.model, weights or self.settings.weights
+        if model is not None:
+            check_compatible(existing, {"model": model}, self.store.location)
+        if weights is None:
+            weights = weights_for_index(existing, self.settings)
+        return existing["model"], weights
+
+    def load_writer(
+        self,
+        model: str | None = None,
+        weights: str | None = None,
+        calibration: Sequence[str | Path] = (),
+    ) -> Embedder:
+        """The model that writes into this index (``extract``)."""
+        name, weights = self.choose_model(model, weights)
+        s = self.settings
+        return load_embedder(name, weights, s.precision, s.threads, calibration)
+
     def load_model(self) -> Embedder | None:
         """Load the model the index records (once). None if there is no index yet."""
         if self.embedder is not None:
@@ -62,12 +85,7 @@ class Service:
                 meta = self.store.meta()
                 if not meta:
                     return None
-                embedder = load_embedder(
-                    meta["model"],
-                    weights_for_index(meta, self.settings),
-                    precision=self.settings.precision,
-                    threads=self.settings.threads,
-                )
+                embedder = self.load_writer()
                 if embedder.weights_id != meta.get("weights"):
                     raise StoreError(
                         f"the index was built with weights {meta.get('weights')}, but the "
@@ -78,42 +96,38 @@ class Service:
         return self.embedder
 
     def ensure_index(self) -> Embedder:
-        """The model for writes: the index's own or, when there is no index yet, the
+        """The model for API writes: the index's own or, when there is no index yet, the
         configured one (IMAGEFINDER_MODEL, IMAGEFINDER_WEIGHTS), creating the index for it."""
         if not self.store.meta():
             with self._load_lock:
                 # An extraction may have created the index meanwhile: then its model wins.
                 if not self.store.meta():
-                    s = self.settings
-                    embedder = self.embedder or load_embedder(
-                        s.model, s.weights, s.precision, s.threads
-                    )
-                    self.store.ensure_schema(embedder.meta())
-                    self.embedder = embedder
+                    writer = self.embedder or self.load_writer()
+                    self.store.ensure_schema(writer.meta())
+                    self.embedder = writer
         embedder = self.load_model()
         assert embedder is not None
         return embedder
 
+    # -- searching ---------------------------------------------------------------
+
     def ready(self) -> tuple[Embedder, Store]:
-        """The model and store, or a 503 naming the command that builds the index."""
+        """The model and store, or an error naming the command that builds the index."""
         self.require_index()
         embedder = self.load_model()
         assert embedder is not None
         return embedder, self.store
 
     def require_index(self) -> Store:
-        """The store if it holds vectors (no model needed), else a 503 naming the build command."""
-        try:
-            count = self.store.count()
-        except StoreError as e:
-            raise ServiceError(503, "index_unusable", str(e)) from e
+        """The store if it holds vectors (no model needed), else an error naming the
+        build command."""
+        count = self.store.count()
         if count == 0:
             state = "empty" if self.store.meta() else "missing"
-            raise ServiceError(
-                503,
-                f"index_{state}",
+            raise IndexNotReady(
                 f"the index {self.store.location} is {state}; build it with: "
                 f"{build_command(self.settings)}",
+                code=f"index_{state}",
             )
         return self.store
 
@@ -131,10 +145,19 @@ class Service:
         _, store = self.ready()
         vector = store.vector_of(image_id)
         if vector is None:
-            raise ServiceError(404, "unknown_id", f"no image with id {image_id!r} in the index")
+            raise unknown_id(image_id)
         return store.knn(vector, k, exclude=(image_id,))
 
-    def health(self) -> dict:
+    def response(self, results: list[tuple[str, float]]) -> dict[str, Any]:
+        """A search's answer, as the API sends it and ``search --json`` prints it."""
+        meta = self.store.meta()
+        return {
+            "model": meta.get("model", ""),
+            "metric": meta.get("metric", ""),
+            "results": [{"id": i, "distance": d} for i, d in results],
+        }
+
+    def health(self) -> dict[str, Any]:
         try:
             meta = self.store.meta()
             count = self.store.count() if meta else 0

@@ -48,7 +48,7 @@ def caltech_index(tmp_path_factory, caltech_dir) -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The real efficientnet-lite0, loaded once."""
-    from imagefinder.embed import load_embedder
+    from imagefinder.model.embedder import load_embedder
 
     return load_embedder("efficientnet-lite0")
 

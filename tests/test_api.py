@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
 
-from imagefinder.api import BODY_SLACK, create_app
 from imagefinder.indexer import index_folder
+from imagefinder.server.app import BODY_SLACK, create_app
 from imagefinder.service import Service
 from imagefinder.store import display_location, open_store
 

@@ -22,7 +22,8 @@ import requests
 from support import ROOT, LiveServer, image_bytes
 
 from imagefinder.indexer import index_folder
-from imagefinder.store import Item, SQLiteStore, connect, open_store
+from imagefinder.store import Item, open_store
+from imagefinder.store.sqlite import SQLiteStore, connect
 
 TOKEN = "concurrency-token"
 IDENTITY = {"model": "test", "weights": "none", "dim": "4", "preprocessing": "none"}

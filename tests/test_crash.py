@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 from support import ROOT
 
-from imagefinder.download import TEMP_PREFIX
+from imagefinder.files import TEMP_PREFIX
 from imagefinder.indexer import index_folder
-from imagefinder.store import connect, open_store
+from imagefinder.store import open_store
+from imagefinder.store.sqlite import connect
 
 SEED = int(os.environ.get("CRASH_SEED", time.time_ns() % 10_000))
 

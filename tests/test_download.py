@@ -20,12 +20,12 @@ from imagefinder.catalog import Row, parse_catalog
 from imagefinder.cli import cli
 from imagefinder.download import (
     MANIFEST_FIELDS,
-    TEMP_PREFIX,
     USER_AGENT,
     Downloader,
     DownloadOptions,
     Outcome,
 )
+from imagefinder.files import TEMP_PREFIX
 
 FAST = DownloadOptions(timeout=3.0, retries=2, backoff=0.01, max_bytes=100_000, workers=4)
 

@@ -33,10 +33,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from support import LiveServer, assert_error, image_bytes
 
-from imagefinder.api import create_app
 from imagefinder.cli import cli
 from imagefinder.config import Settings
-from imagefinder.images import EXTENSIONS, sniff
+from imagefinder.images import FORMATS, sniff
+from imagefinder.server.app import create_app
 from imagefinder.service import Service
 from imagefinder.store import open_store
 
@@ -273,7 +273,7 @@ def test_an_awkward_but_valid_image_gets_a_normal_answer(api, route, case):
         return
     assert response.status_code == 201, response.text
     assert response.json()["format"] == fmt
-    saved = root / "images" / f"{case}.{EXTENSIONS[fmt]}"
+    saved = root / "images" / f"{case}.{FORMATS[fmt].extension}"
     assert saved.read_bytes() == data  # kept byte for byte, named by what it is
     assert client.delete(f"/images/{case}", headers=AUTH).status_code == 200
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from support import ROOT, clustered_vectors
 
-from imagefinder import coarse
-from imagefinder.store import Item, SQLiteStore
+from imagefinder.store import Item, coarse
+from imagefinder.store.sqlite import SQLiteStore
 
 DIM = 1280  # efficientnet-lite0's
 N = 3000

@@ -11,11 +11,12 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from imagefinder.api import create_app
 from imagefinder.config import Settings
-from imagefinder.pgstore import HNSW, PGStore
+from imagefinder.errors import ConfigError, StoreError
+from imagefinder.server.app import create_app
 from imagefinder.service import Service
-from imagefinder.store import Item, StoreError, display_location, open_store
+from imagefinder.store import Item, display_location, open_store
+from imagefinder.store.postgres import HNSW, PGStore
 
 
 def identity(dim: int) -> dict[str, str]:
@@ -99,7 +100,7 @@ def test_settings_choose_ef_search_and_exact(pg_url):
     settings = Settings.from_env(env)
     assert (settings.ef_search, settings.exact) == (77, True)
     assert Settings.from_env({"IMAGEFINDER_EXACT": "off"}).exact is False
-    with pytest.raises(ValueError, match="IMAGEFINDER_EXACT"):
+    with pytest.raises(ConfigError, match="IMAGEFINDER_EXACT"):
         Settings.from_env({"IMAGEFINDER_EXACT": "sometimes"})
     service = Service(settings)
     assert (service.store.ef_search, service.store.exact) == (77, True)

@@ -13,10 +13,9 @@ import pytest
 import requests
 from support import LiveServer
 
-from imagefinder.cli import in_shard
-from imagefinder.indexer import file_id, scan
-from imagefinder.pgstore import HNSW
+from imagefinder.indexer import file_id, in_shard, scan
 from imagefinder.store import open_store
+from imagefinder.store.postgres import HNSW
 
 pytestmark = pytest.mark.slow
 

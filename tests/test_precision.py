@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from imagefinder.embed import ModelUnavailable, load_embedder
+from imagefinder.errors import ModelUnavailable
 from imagefinder.images import load_rgb
 from imagefinder.indexer import calibration_sample
+from imagefinder.model.embedder import load_embedder
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from imagefinder.api import create_app
 from imagefinder.cli import cli
 from imagefinder.config import Settings
+from imagefinder.server.app import create_app
 
 K = 3
 MIN_PRECISION = 0.80

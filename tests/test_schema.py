@@ -14,9 +14,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
 from support import image_bytes
 
-from imagefinder.api import create_app
 from imagefinder.config import Settings
 from imagefinder.indexer import index_folder
+from imagefinder.server.app import create_app
 from imagefinder.service import Service
 from imagefinder.store import open_store
 

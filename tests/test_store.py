@@ -8,13 +8,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from imagefinder.store import (
-    SCHEMA_VERSION,
-    Item,
-    SQLiteStore,
-    StoreError,
-    connect,
-)
+from imagefinder.errors import StoreError
+from imagefinder.store import Item
+from imagefinder.store.sqlite import SQLiteStore, connect
 
 DIM = 8
 IDENTITY = {"model": "toy", "weights": "w1", "dim": str(DIM), "preprocessing": "none"}
@@ -77,7 +73,7 @@ def test_reading_while_a_write_transaction_is_open(tmp_path):
 
 def test_a_new_index_records_what_its_vectors_mean(store):
     meta = store.meta()
-    assert meta["schema_version"] == str(SCHEMA_VERSION)
+    assert meta["schema_version"] == str(SQLiteStore.schema_version())
     assert meta["metric"] == "l2"
     assert {k: meta[k] for k in IDENTITY} == IDENTITY
     assert store.count() == 0

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from support import image_bytes
 
+from imagefinder.errors import IndexMismatch
 from imagefinder.indexer import index_folder
-from imagefinder.store import IndexMismatch, Item, open_store
+from imagefinder.store import Item, open_store
 
 DIM = 16
 IDENTITY = {"model": "toy", "weights": "w1", "dim": str(DIM), "preprocessing": "p1"}

@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from support import assert_error, image_bytes
 
-from imagefinder.api import create_app
 from imagefinder.config import Settings
 from imagefinder.indexer import index_folder
+from imagefinder.server.app import create_app
+from imagefinder.server.thumbs import SIDE, cache_dir
 from imagefinder.service import Service
 from imagefinder.store import is_postgres, open_store
-from imagefinder.thumbs import SIDE, cache_dir
 
 
 def build_catalogue(settings: Settings, lite0) -> Path:

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
 
-from imagefinder.api import create_app
 from imagefinder.config import Settings
 from imagefinder.indexer import index_folder
+from imagefinder.server.app import create_app
 from imagefinder.service import Service
 from imagefinder.store import open_store
 

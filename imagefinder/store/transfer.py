@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .store import Store, StoreError
+from ..errors import StoreError
+from .base import Store
 
 
 def copy_index(

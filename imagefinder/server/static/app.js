@@ -20,8 +20,11 @@ const el = {
 
 const K_MIN = 1;
 const K_MAX = 100;
-// The server's upload cap, written into the page by the server (0: unknown).
-const MAX_UPLOAD = Number(document.querySelector('meta[name="imagefinder-max-upload-bytes"]')?.content) || 0;
+// Written into the page by the server: the upload cap (0: unknown), and the command that
+// builds the index, for when there is none yet.
+const pageSetting = (name) => document.querySelector(`meta[name="imagefinder-${name}"]`)?.content || "";
+const MAX_UPLOAD = Number(pageSetting("max-upload-bytes")) || 0;
+const BUILD_COMMAND = pageSetting("build-command");
 let current = null; // {kind: "file", file, url} | {kind: "id", id}
 let lastUpload = null; // what Back returns to once the walk's history runs out
 let latest = 0; // only the newest search may paint: clicks can outrun answers
@@ -49,6 +52,7 @@ function tooLarge(limit) {
   return { text: "That file is too large to upload." + (limit ? ` The limit is ${humanSize(limit)}.` : "") };
 }
 
+// Decided by the error's stable code, never by its wording.
 function explain(status, body) {
   const code = body && body.error ? body.error.code : "";
   const message = body && body.error ? body.error.message : "";
@@ -56,19 +60,16 @@ function explain(status, body) {
     case "not_an_image":
     case "empty_upload":
       return { text: "That file is not an image ImageFinder can read. Try a JPEG, PNG, GIF, WebP, BMP or TIFF picture." };
-    case "too_large": {
-      const match = /([\d,]+) bytes/.exec(message);
-      return tooLarge(match ? Number(match[1].replace(/,/g, "")) : MAX_UPLOAD);
-    }
+    case "too_large":
+      return tooLarge(MAX_UPLOAD);
     case "too_many_pixels":
       return { text: `That image has too many pixels to search (${message}). Try a smaller version of it.` };
     case "index_empty":
     case "index_missing": {
-      const at = message.indexOf("build it with: ");
       const state = code === "index_empty" ? "The catalogue index is empty" : "There is no catalogue index yet";
       return {
         text: `${state}, so there is nothing to compare with. Build it with this command, then try again:`,
-        command: at >= 0 ? message.slice(at + "build it with: ".length) : "",
+        command: BUILD_COMMAND,
       };
     }
     case "unknown_id":

@@ -7,54 +7,38 @@ can reach a file outside the catalogue.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from ..errors import ImageError, NotFound, unknown_id
+from ..images import FORMATS, sniff
+from ..service import Service, build_command
+from ..store import FileState
 from . import thumbs
-from .api import ERRORS, ErrorResponse, SearchResponse, ServiceDep, search_response
-from .images import ImageError, sniff
-from .service import Service, ServiceError, build_command
-from .store import FileState
+from .deps import ServiceDep
+from .schemas import ID_ERRORS, NOT_MODIFIED, SearchResponse
 
-STATIC = Path(str(files("imagefinder") / "static"))
+STATIC = Path(str(files("imagefinder.server") / "static"))
 
-MEDIA_TYPES = {
-    "JPEG": "image/jpeg",
-    "MPO": "image/jpeg",  # phones' multi-picture JPEGs; browsers show the first frame
-    "PNG": "image/png",
-    "GIF": "image/gif",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "TIFF": "image/tiff",
-}
 # A changed image keeps its URL, so clients revalidate every time; a 304 costs one stat.
 CACHE_CONTROL = "no-cache"
 
-NOT_FOUND = {
-    404: {"model": ErrorResponse, "description": "No image with this id, or its file is gone"}
-}
-ID_ERRORS = {code: ERRORS[code] for code in (422, 503)} | NOT_FOUND
-NOT_MODIFIED = {304: {"description": "The client's copy (If-None-Match) is current"}}
-
 router = APIRouter(tags=["browse"])
-
-
-def unknown(image_id: str) -> ServiceError:
-    return ServiceError(404, "unknown_id", f"no image with id {image_id!r} in the index")
 
 
 def check_id(image_id: str) -> None:
     # No file name holds a NUL, so no id does; PostgreSQL would refuse it as a 503.
     if "\x00" in image_id:
-        raise unknown(image_id)
+        raise unknown_id(image_id)
 
 
 def catalogue_file(service: Service, image_id: str) -> tuple[FileState, thumbs.Version]:
@@ -64,19 +48,18 @@ def catalogue_file(service: Service, image_id: str) -> tuple[FileState, thumbs.V
     state = store.file_state(image_id) if store.meta() else None
     if state is None:
         service.require_index()  # no index at all: a 503 naming the build command
-        raise unknown(image_id)
+        raise unknown_id(image_id)
     try:
         return state, thumbs.version_of(image_id, state)
     except OSError:
         raise gone(service, image_id) from None
 
 
-def gone(service: Service, image_id: str) -> ServiceError:
-    return ServiceError(
-        404,
-        "file_missing",
+def gone(service: Service, image_id: str) -> NotFound:
+    return NotFound(
         f"the file of image {image_id!r} is missing or unreadable; refresh the index with: "
         f"{build_command(service.settings)} --prune",
+        code="file_missing",
     )
 
 
@@ -93,7 +76,7 @@ def cache_headers(etag: str) -> dict[str, str]:
     return {"ETag": etag, "Cache-Control": CACHE_CONTROL}
 
 
-def image_content(media_types: Iterable[str]) -> dict:
+def image_content(media_types: Iterable[str]) -> dict[str, Any]:
     return {"content": {m: {"schema": {"type": "string", "format": "binary"}} for m in media_types}}
 
 
@@ -110,7 +93,7 @@ def image_content(media_types: Iterable[str]) -> dict:
     },
     summary="A small JPEG of a catalogue image, made once and cached",
 )
-async def get_thumbnail(service: ServiceDep, image_id: str, request: Request):
+async def get_thumbnail(service: ServiceDep, image_id: str, request: Request) -> Response:
     state, version = await run_in_threadpool(catalogue_file, service, image_id)
     etag = f'"{version.tag}"'
     cached = not_modified(request, etag)
@@ -136,10 +119,10 @@ async def get_similar(
     service: ServiceDep,
     image_id: str,
     k: Annotated[int, Query(ge=1, le=100, description="How many neighbours")] = 3,
-):
+) -> dict[str, Any]:
     check_id(image_id)
     results = await run_in_threadpool(service.search_id, image_id, k)
-    return search_response(service, results)
+    return service.response(results)
 
 
 @router.get(
@@ -148,14 +131,14 @@ async def get_similar(
     responses={
         200: {
             "description": "The catalogue image, as indexed",
-            **image_content(MEDIA_TYPES.values()),
+            **image_content(dict.fromkeys(f.media_type for f in FORMATS.values())),
         },
         **NOT_MODIFIED,
         **ID_ERRORS,
     },
     summary="A catalogue image",
 )
-async def get_image(service: ServiceDep, image_id: str, request: Request):
+async def get_image(service: ServiceDep, image_id: str, request: Request) -> Response:
     state, version = await run_in_threadpool(catalogue_file, service, image_id)
     etag = f'"{version.tag}-original"'
     cached = not_modified(request, etag)
@@ -165,9 +148,9 @@ async def get_image(service: ServiceDep, image_id: str, request: Request):
         fmt = await run_in_threadpool(sniff, state.path)
     except (ImageError, OSError):
         raise gone(service, image_id) from None
-    if fmt not in MEDIA_TYPES:
+    if fmt not in FORMATS:
         raise gone(service, image_id)
-    return FileResponse(state.path, media_type=MEDIA_TYPES[fmt], headers=cache_headers(etag))
+    return FileResponse(state.path, media_type=FORMATS[fmt].media_type, headers=cache_headers(etag))
 
 
 @router.get(
@@ -176,10 +159,15 @@ async def get_image(service: ServiceDep, image_id: str, request: Request):
     responses={200: {"description": "The search page", "content": {"text/html": {}}}},
     summary="The search page: drop an image, browse its nearest neighbours",
 )
-async def index_page(service: ServiceDep):
+async def index_page(service: ServiceDep) -> str:
     # The page learns the upload cap so it can refuse a huge file before sending it: a
     # 413 sent while the browser is still uploading can reach it as a reset connection.
-    return page_html().replace("{{max_upload_bytes}}", str(service.settings.max_upload_bytes))
+    # It also learns the command that builds the index, for when there is none.
+    return (
+        page_html()
+        .replace("{{max_upload_bytes}}", str(service.settings.max_upload_bytes))
+        .replace("{{build_command}}", html.escape(build_command(service.settings)))
+    )
 
 
 @cache

@@ -20,8 +20,9 @@ from __future__ import annotations
 import struct
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -30,16 +31,8 @@ from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .config import DEFAULT_EF_SEARCH
-from .store import (
-    SCHEMA_VERSION,
-    FileState,
-    Item,
-    StoreError,
-    check_compatible,
-    display_location,
-    new_meta,
-)
+from ..errors import StoreError
+from .base import FileState, Item, Store, display_location, keyset_pages, new_meta
 
 IMAGES = "imagefinder_images"
 META = "imagefinder_meta"
@@ -47,6 +40,10 @@ META = "imagefinder_meta"
 # table (seconds at tens of millions), and the API asks on every search.
 STATS = "imagefinder_stats"
 HNSW = "imagefinder_images_hnsw"
+# Candidates HNSW hands to the exact re-rank, unless IMAGEFINDER_EF_SEARCH says otherwise:
+# at 200 it stays near 19 ms with recall 1.0 at 100k, where 40 reached 0.975
+# (bench/bench_stores.py).
+DEFAULT_EF_SEARCH = 200
 # pgvector's limit for HNSW over ``vector``; ``halfvec`` goes to 4000.
 MAX_VECTOR_INDEX_DIM = 2000
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
@@ -68,7 +65,7 @@ class _VectorDumper(Dumper):
 class _VectorLoader(Loader):
     format = Format.BINARY
 
-    def load(self, data) -> np.ndarray:
+    def load(self, data: Any) -> np.ndarray:
         (dim,) = struct.unpack_from(">H", data)
         return np.frombuffer(data, dtype=">f4", count=dim, offset=4).astype(np.float32)
 
@@ -89,14 +86,22 @@ def _register_vector(conn: psycopg.Connection) -> bool:
     return True
 
 
+def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
+    """The one value a one-row query returns."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-class PGStore:
+class PGStore(Store):
     """An index in a PostgreSQL database. Safe to share across threads."""
 
     kind = "postgres"
+    rebuild_hint = "rebuild it into a new database"
     # A run into an empty table, or one that at least doubles the table and writes this
     # many rows, drops the HNSW index first and builds it once at the end: far faster
     # than inserting row by row (a few ms per 2048-d row).
@@ -179,7 +184,7 @@ class PGStore:
     # -- schema and meta -------------------------------------------------
 
     def _read_meta(self, conn: psycopg.Connection) -> dict[str, str]:
-        if conn.execute("SELECT to_regclass(%s)", (META,)).fetchone()[0] is None:
+        if _scalar(conn, "SELECT to_regclass(%s)", (META,)) is None:
             return {}
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
 
@@ -188,11 +193,12 @@ class PGStore:
         # memory (the API reads it on every search).
         if not self._meta:
             with self._tx() as conn:
-                self._meta = self._read_meta(conn)
+                meta = self._read_meta(conn)
+                if meta and self.pending_migrations(meta):
+                    conn.execute(SCHEMA_LOCK)  # a reader of an older index upgrades it once
+                    meta = self._migrate(conn, self._read_meta(conn))
+                self._meta = meta
         return dict(self._meta)
-
-    def exists(self) -> bool:
-        return bool(self.meta())
 
     def ensure_schema(self, identity: dict[str, str]) -> None:
         """Create the index for ``identity`` (model meta), or check it matches."""
@@ -200,9 +206,8 @@ class PGStore:
             conn.execute(SCHEMA_LOCK)
             existing = self._read_meta(conn)
             if existing:
-                self._check_version(existing)
-                check_compatible(existing, identity, self.location)
-                self._meta = existing
+                self.check_existing(existing, identity)
+                self._meta = self._migrate(conn, existing)
                 return
             self._create_extension(conn)
             dim = int(identity["dim"])
@@ -223,7 +228,7 @@ class PGStore:
             conn.execute(self._create_index_sql(dim))
             conn.execute(f"CREATE TABLE IF NOT EXISTS {STATS} (rows bigint NOT NULL)")
             conn.execute(f"INSERT INTO {STATS} SELECT count(*) FROM {IMAGES}")
-            meta = new_meta(identity)
+            meta = new_meta(identity, self.schema_version())
             with conn.cursor() as cur:
                 cur.executemany(f"INSERT INTO {META} VALUES (%s, %s)", list(meta.items()))
         self._meta = meta
@@ -249,13 +254,16 @@ class PGStore:
             ) from e
         _register_vector(conn)
 
-    def _check_version(self, meta: dict[str, str]) -> None:
-        version = int(meta.get("schema_version", "0"))
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.location} has schema version {version}, this ImageFinder "
-                f"reads version {SCHEMA_VERSION}; rebuild it into a new database"
-            )
+    def _migrate(self, conn: psycopg.Connection, meta: dict[str, str]) -> dict[str, str]:
+        """Apply the migrations ``meta``'s version lacks (under the schema lock)."""
+        pending = self.pending_migrations(meta)
+        for migration in pending:
+            migration(conn)
+        if pending:
+            version = str(self.schema_version())
+            conn.execute(f"UPDATE {META} SET value = %s WHERE key = 'schema_version'", (version,))
+            meta = {**meta, "schema_version": version}
+        return meta
 
     def _dim(self) -> int:
         meta = self.meta()
@@ -279,7 +287,7 @@ class PGStore:
         if not self.meta():
             return 0
         with self._tx() as conn:
-            return conn.execute(f"SELECT rows FROM {STATS}").fetchone()[0]
+            return int(_scalar(conn, f"SELECT rows FROM {STATS}"))
 
     def file_states(self) -> dict[str, FileState]:
         if not self.meta():
@@ -297,13 +305,6 @@ class PGStore:
             ).fetchone()
         return FileState(*row) if row else None
 
-    def path_of(self, image_id: str) -> str | None:
-        if not self.meta():
-            return None
-        with self._tx() as conn:
-            row = conn.execute(f"SELECT path FROM {IMAGES} WHERE id = %s", (image_id,)).fetchone()
-        return row[0] if row else None
-
     def vector_of(self, image_id: str) -> np.ndarray | None:
         if not self.meta():
             return None
@@ -313,46 +314,33 @@ class PGStore:
             ).fetchone()
         return row[0] if row else None
 
-    def _iter_rows(self, columns: str, batch: int) -> Iterator[list[tuple]]:
-        """Rows in id order, one short transaction per batch (keyset pagination)."""
-        last = ""
-        while True:
+    def _item_pages(self, batch: int) -> Iterator[list[Item]]:
+        """Rows in id order, one short transaction per page (keyset pagination)."""
+
+        def fetch(after: str, limit: int) -> list[Any]:
             with self._tx() as conn:
-                rows = conn.execute(
-                    f"SELECT id, {columns} FROM {IMAGES} WHERE id > %s ORDER BY id LIMIT %s",
-                    (last, batch),
+                return conn.execute(
+                    f"SELECT id, path, sha256, size, mtime_ns, embedding FROM {IMAGES} "
+                    "WHERE id > %s ORDER BY id LIMIT %s",
+                    (after, limit),
                     binary=True,
                 ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield rows
 
-    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
-        """Yield lists of (id, path, vector), in id order."""
-        for rows in self._iter_rows("path, embedding", batch):
-            yield [tuple(r) for r in rows]
-
-    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]:
-        """Yield lists of whole rows (for copying an index), in id order."""
-        for rows in self._iter_rows("path, sha256, size, mtime_ns, embedding", batch):
+        for rows in keyset_pages(fetch, "", batch):
             yield [Item(*r) for r in rows]
 
-    def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
-    ) -> list[tuple[str, float]]:
-        """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first."""
-        fetch = k + len(exclude)
+    def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
         query = np.ascontiguousarray(vector, dtype=np.float32)
         setup, sql, params = self.search_statements(query, fetch)
         with self._tx() as conn:
             for statement in setup:
                 conn.execute(statement)
             rows = conn.execute(sql, params).fetchall()
-        skip = set(exclude)
-        return [(i, float(d)) for i, d in rows if i not in skip][:k]
+        return [(i, float(d)) for i, d in rows]
 
-    def search_statements(self, query: np.ndarray, fetch: int) -> tuple[list[str], str, dict]:
+    def search_statements(
+        self, query: np.ndarray, fetch: int
+    ) -> tuple[list[str], str, dict[str, Any]]:
         """What ``knn`` runs in its transaction: settings, then the query and its parameters.
 
         Approximate: the HNSW index yields ``ef_search`` candidates (never fewer than
@@ -447,7 +435,7 @@ class PGStore:
             return
         with self._tx() as conn:
             conn.execute(SCHEMA_LOCK)
-            if conn.execute("SELECT to_regclass(%s)", (HNSW,)).fetchone()[0] is not None:
+            if _scalar(conn, "SELECT to_regclass(%s)", (HNSW,)) is not None:
                 return
             conn.execute(f"SET LOCAL maintenance_work_mem = '{self.build_memory}'")
             conn.execute(self._create_index_sql(self._dim()))

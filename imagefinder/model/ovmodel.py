@@ -21,15 +21,15 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-OV_PRECISIONS = ("bf16-ov", "int8")
-CALIBRATION_IMAGES = 100
+from ..errors import ModelUnavailable
 
 
-class OpenVINOUnavailable(ImportError):
+class OpenVINOUnavailable(ModelUnavailable):
     pass
 
 
@@ -37,7 +37,7 @@ def cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "imagefinder-openvino"
 
 
-def _import():
+def _import() -> Any:
     try:
         import openvino
     except ImportError as e:
@@ -60,7 +60,7 @@ class OVModel:
 
     def __init__(self, xml: Path, precision: str, threads: int | None):
         ov = _import()
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, str | int] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         if precision == "bf16-ov":
@@ -96,7 +96,9 @@ def load(
     return OVModel(xml, precision, threads)
 
 
-def _calibration(calibration) -> list[torch.Tensor]:
+def _calibration(
+    calibration: Callable[[], Sequence[torch.Tensor]] | None,
+) -> list[torch.Tensor]:
     tensors = list(calibration()) if calibration else []
     if not tensors:
         raise OpenVINOUnavailable(
@@ -107,7 +109,13 @@ def _calibration(calibration) -> list[torch.Tensor]:
     return tensors
 
 
-def _convert(module, xml: Path, precision: str, input_size: int, samples) -> None:
+def _convert(
+    module: torch.nn.Module,
+    xml: Path,
+    precision: str,
+    input_size: int,
+    samples: list[torch.Tensor],
+) -> None:
     ov = _import()
     example = torch.zeros(1, 3, input_size, input_size)
     with torch.inference_mode(False), torch.no_grad():
@@ -126,7 +134,7 @@ def _convert(module, xml: Path, precision: str, input_size: int, samples) -> Non
     tmp.replace(xml)
 
 
-def _quantise(converted, samples: list[torch.Tensor]):
+def _quantise(converted: Any, samples: list[torch.Tensor]) -> Any:
     try:
         import nncf
     except ImportError as e:

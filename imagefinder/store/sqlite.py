@@ -20,35 +20,28 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 
+from ..errors import StoreError
 from . import coarse
-from .config import DEFAULT_EF_SEARCH, DEFAULT_SQLITE_CANDIDATES
+from .base import FileState, Item, Store, keyset_pages, new_meta
 
-SCHEMA_VERSION = 1
-METRIC = "l2"
+# Candidates the Hamming pre-selection hands to the exact re-rank, unless
+# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
+# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
+# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
+DEFAULT_CANDIDATES = 100
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
 # 256 costs ~0.03 ms and scans as fast.
 VEC_CHUNK = 256
-# Keys that must match for vectors to be comparable.
-IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
 
 
-class StoreError(RuntimeError):
-    """A problem the user can fix; the message says how."""
-
-
-class IndexMismatch(StoreError):
-    pass
-
-
-def _driver():
+def _driver() -> Any:
     """The stdlib sqlite3 if it can load extensions, else sqlean.py."""
     probe = sqlite3.connect(":memory:")
     try:
@@ -95,87 +88,21 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-@dataclass(frozen=True)
-class FileState:
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-    vector: np.ndarray
-
-
-class Store(Protocol):
-    """What the code above the index relies on. ``open_store`` picks the implementation:
-    ``SQLiteStore`` (one file) or ``pgstore.PGStore`` (a PostgreSQL server)."""
-
-    kind: str
-
-    @property
-    def location(self) -> str: ...
-
-    def close(self) -> None: ...
-
-    def meta(self) -> dict[str, str]: ...
-
-    def ensure_schema(self, identity: dict[str, str]) -> None: ...
-
-    def count(self) -> int: ...
-
-    def file_states(self) -> dict[str, FileState]: ...
-
-    def file_state(self, image_id: str) -> FileState | None: ...
-
-    def path_of(self, image_id: str) -> str | None: ...
-
-    def vector_of(self, image_id: str) -> np.ndarray | None: ...
-
-    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
-        """Yield lists of (id, path, vector), in rowid order."""
-        for items in self.iter_items(batch):
-            yield [(it.id, it.path, it.vector) for it in items]
-
-    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]: ...
-
-    def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
-    ) -> list[tuple[str, float]]: ...
-
-    def upsert(self, items: Iterable[Item]) -> int: ...
-
-    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None: ...
-
-    def delete(self, ids: Iterable[str]) -> int: ...
-
-    def begin_bulk(self, expected: int) -> None:
-        """``expected`` rows are about to be written: a store may drop its ANN index."""
-
-    def end_bulk(self) -> None:
-        """The bulk write is over: (re)build whatever ``begin_bulk`` dropped."""
-
-
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
-class SQLiteStore:
+class SQLiteStore(Store):
     """The index file. Safe to share across threads: each thread gets its own connection."""
 
     kind = "sqlite"
+    rebuild_hint = "rebuild it with a new --db path"
 
     def __init__(
         self,
         path: str | Path,
         *,
-        ef_search: int = DEFAULT_SQLITE_CANDIDATES,
+        ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
     ):
@@ -187,7 +114,7 @@ class SQLiteStore:
         self.exact = exact
         self.fast_min_rows = fast_min_rows
         self._local = threading.local()
-        self._conns: list = []
+        self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -219,71 +146,81 @@ class SQLiteStore:
 
     # -- schema and meta -------------------------------------------------
 
-    def exists(self) -> bool:
-        return self.path.is_file() and bool(self.meta())
-
     def meta(self) -> dict[str, str]:
         if not self.path.is_file():
             return {}
+        meta = self._read_meta()
+        if meta and self.pending_migrations(meta):
+            with self.transaction() as conn:  # a reader of an older index upgrades it once
+                meta = self._migrate(conn, self._read_meta(conn))
+        return meta
+
+    def _read_meta(self, conn: Any = None) -> dict[str, str]:
         try:
-            return dict(self.conn.execute("SELECT key, value FROM meta"))
+            return dict((conn or self.conn).execute("SELECT key, value FROM meta"))
         except Exception as e:  # sqlite3 or sqlean's OperationalError/DatabaseError
             if "no such table" in str(e):
                 return {}
             raise StoreError(f"{self.path} is not an ImageFinder index: {e}") from e
 
     def ensure_schema(self, identity: dict[str, str]) -> None:
-        """Create the index for ``identity`` (model meta), or check it matches."""
-        existing = self.meta()
-        if existing:
-            self._check_version(existing)
-            check_compatible(existing, identity, self.location)
-            return
-        dim = int(identity["dim"])
+        """Create the index for ``identity`` (model meta), or check it matches.
+
+        Both happen in one write transaction: two writers starting on a new index
+        cannot each create it for their own model."""
         with self.transaction() as conn:
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
-            conn.execute(
-                """CREATE TABLE IF NOT EXISTS images (
-                    rowid INTEGER PRIMARY KEY,
-                    id TEXT NOT NULL UNIQUE,
-                    path TEXT NOT NULL,
-                    sha256 TEXT NOT NULL,
-                    size INTEGER NOT NULL,
-                    mtime_ns INTEGER NOT NULL,
-                    embedding BLOB NOT NULL,
-                    updated_at REAL NOT NULL
-                )"""
-            )
-            conn.execute(
-                f"CREATE VIRTUAL TABLE IF NOT EXISTS vec_images USING vec0("
-                f"embedding float[{dim}] distance_metric={METRIC}, chunk_size={VEC_CHUNK})"
-            )
-            meta = new_meta(identity)
+            existing = self._read_meta(conn)
+            if existing:
+                self.check_existing(existing, identity)
+                self._migrate(conn, existing)
+                return
+            self._create(conn, int(identity["dim"]))
+            meta = new_meta(identity, self.schema_version())
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
 
-    def _check_version(self, meta: dict[str, str]) -> None:
-        version = int(meta.get("schema_version", "0"))
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.location} has schema version {version}, this ImageFinder "
-                f"reads version {SCHEMA_VERSION}; rebuild it with a new --db path"
-            )
+    @staticmethod
+    def _create(conn: Any, dim: int) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS images (
+                rowid INTEGER PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                path TEXT NOT NULL,
+                sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                mtime_ns INTEGER NOT NULL,
+                embedding BLOB NOT NULL,
+                updated_at REAL NOT NULL
+            )"""
+        )
+        conn.execute(
+            f"CREATE VIRTUAL TABLE IF NOT EXISTS vec_images USING vec0("
+            f"embedding float[{dim}] distance_metric=l2, chunk_size={VEC_CHUNK})"
+        )
+
+    def _migrate(self, conn: Any, meta: dict[str, str]) -> dict[str, str]:
+        """Apply the migrations ``meta``'s version lacks (inside a write transaction)."""
+        pending = self.pending_migrations(meta)
+        for migration in pending:
+            migration(conn)
+        if pending:
+            version = str(self.schema_version())
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+            meta = {**meta, "schema_version": version}
+        return meta
 
     # -- transactions ------------------------------------------------------
 
     class _Tx:
-        def __init__(self, conn):
+        def __init__(self, conn: Any):
             self.conn = conn
 
-        def __enter__(self):
+        def __enter__(self) -> Any:
             self.conn.execute("BEGIN IMMEDIATE")
             return self.conn
 
-        def __exit__(self, exc_type, exc, tb):
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
             self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-            return False
 
     def transaction(self) -> _Tx:
         return self._Tx(self.conn)
@@ -293,15 +230,11 @@ class SQLiteStore:
     def count(self) -> int:
         if not self.meta():
             return 0
-        return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
+        return int(self.conn.execute("SELECT count(*) FROM images").fetchone()[0])
 
     def file_states(self) -> dict[str, FileState]:
         rows = self.conn.execute("SELECT id, path, sha256, size, mtime_ns FROM images")
         return {r[0]: FileState(*r[1:]) for r in rows}
-
-    def path_of(self, image_id: str) -> str | None:
-        row = self.conn.execute("SELECT path FROM images WHERE id = ?", (image_id,)).fetchone()
-        return row[0] if row else None
 
     def file_state(self, image_id: str) -> FileState | None:
         row = self.conn.execute(
@@ -313,44 +246,25 @@ class SQLiteStore:
         row = self.conn.execute("SELECT embedding FROM images WHERE id = ?", (image_id,)).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
 
-    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
-        """Yield lists of (id, path, vector), in rowid order."""
-        last = -1
-        while True:
-            rows = self.conn.execute(
-                "SELECT rowid, id, path, embedding FROM images WHERE rowid > ? "
-                "ORDER BY rowid LIMIT ?",
-                (last, batch),
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield [(r[1], r[2], np.frombuffer(r[3], dtype=np.float32)) for r in rows]
-
-    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]:
-        """Yield lists of whole rows (for copying an index), in rowid order."""
-        last = -1
-        while True:
-            rows = self.conn.execute(
+    def _item_pages(self, batch: int) -> Iterator[list[Item]]:
+        def fetch(after: int, limit: int) -> list[Any]:
+            return self.conn.execute(
                 "SELECT rowid, id, path, sha256, size, mtime_ns, embedding FROM images "
                 "WHERE rowid > ? ORDER BY rowid LIMIT ?",
-                (last, batch),
+                (after, limit),
             ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield [Item(*r[1:6], np.frombuffer(r[6], dtype=np.float32)) for r in rows]
 
-    def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
-    ) -> list[tuple[str, float]]:
-        """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first."""
-        fetch = k + len(exclude)
-        skip = set(exclude)
+        for rows in keyset_pages(fetch, -1, batch):
+            yield [
+                Item(r[1], r[2], r[3], r[4], r[5], np.frombuffer(r[6], dtype=np.float32))
+                for r in rows
+            ]
+
+    def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
         if self.search_mode() == coarse.MODE_BINARY:
             try:
                 rows = coarse.search(self.conn, _blob(vector), fetch, self.ef_search)
-                return [(i, float(d)) for i, d in rows if i not in skip][:k]
+                return [(i, float(d)) for i, d in rows]
             except Exception as e:  # dropped by a writer since search_mode() looked
                 if "no such table" not in str(e):
                     raise
@@ -364,7 +278,7 @@ class SQLiteStore:
                ORDER BY knn.distance""",
             (_blob(vector), fetch),
         ).fetchall()
-        return [(i, float(d)) for i, d in rows if i not in skip][:k]
+        return [(i, float(d)) for i, d in rows]
 
     def search_mode(self) -> str:
         """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
@@ -407,10 +321,7 @@ class SQLiteStore:
                 coarse.sync(conn, self.fast_min_rows)
         return n
 
-    # vec0 has no index to drop: bulk loads need no preparation.
-    def begin_bulk(self, expected: int) -> None:
-        pass
-
+    # vec0 has no index to drop: bulk loads need no preparation (begin_bulk).
     def end_bulk(self) -> None:
         # An index built before the coarse table existed (or by a writer with another
         # threshold) gets it now.
@@ -441,62 +352,3 @@ class SQLiteStore:
             if n:
                 coarse.sync(conn, self.fast_min_rows)
         return n
-
-
-def check_compatible(existing: dict[str, str], identity: dict[str, str], where: str) -> None:
-    """Refuse to mix vectors from different models, weights or preprocessing."""
-    for key in IDENTITY_KEYS:
-        if key in identity and existing.get(key) != identity[key]:
-            raise IndexMismatch(
-                f"{where} was built with {key}={existing.get(key)!r}, but this run uses "
-                f"{key}={identity[key]!r}; vectors from different models cannot be mixed. "
-                f"Use --model {existing.get('model')} (and the same weights), or a new --db path"
-            )
-
-
-def new_meta(identity: dict[str, str]) -> dict[str, str]:
-    """The meta of a new index. Keys already in ``identity`` win, so a copied index
-    keeps its original meta (created_at included)."""
-    return {
-        "schema_version": str(SCHEMA_VERSION),
-        "metric": METRIC,
-        "normalized": "l2",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **identity,
-    }
-
-
-def is_postgres(location: str | Path) -> bool:
-    return str(location).startswith(("postgresql://", "postgres://"))
-
-
-def display_location(location: str | Path) -> str:
-    """``location`` safe to print: a PostgreSQL URL loses its password."""
-    text = str(location)
-    if not is_postgres(text):
-        return text
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(text)
-    if parts.password:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
-    return urlunsplit(parts)
-
-
-def open_store(location: str | Path, *, ef_search: int | None = None, exact: bool = False) -> Store:
-    """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
-    (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
-    anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
-    then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
-    ``exact``)."""
-    if is_postgres(location):
-        try:
-            from .pgstore import PGStore
-        except ImportError as e:
-            raise StoreError(
-                f"a postgresql:// index needs psycopg ({e}); install it with: "
-                "pip install 'imagefinder[postgres]'"
-            ) from None
-        return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
-    return SQLiteStore(location, ef_search=ef_search or DEFAULT_SQLITE_CANDIDATES, exact=exact)

@@ -15,70 +15,61 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from pydantic import BaseModel
+from starlette.responses import Response
 
-from .api import ERRORS, ErrorResponse, ServiceDep, error_response, read_upload
-from .catalog import id_problem
-from .download import save_bytes
-from .images import probe, sniff
-from .indexer import sha256_file
-from .service import Service, ServiceError
-from .store import Item
+from ..catalog import id_problem
+from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
+from ..files import save_bytes, sha256_file
+from ..images import probe, sniff
+from ..service import Service
+from ..store import Item
+from .deps import ServiceDep, read_upload
+from .schemas import AUTH_ERRORS, ImageDeleted, ImageWritten, errors
 
 # Placing a file and upserting its row happen under one lock, so two uploads of one
 # id cannot interleave (one's twin-removal deleting the other's file).
 _write_lock = threading.Lock()
 
 
-def refusal(request: Request) -> JSONResponse | None:
-    """The 401/403 answer for a request that may not write, or None if it may."""
+def check_token(request: Request) -> None:
+    """Raise unless ``request`` carries the configured bearer token."""
     token = request.app.state.service.settings.api_token
     if not token:
-        return error_response(
-            403,
-            "writes_disabled",
-            "writes are disabled on this server; set IMAGEFINDER_API_TOKEN to enable them",
+        raise WritesDisabled(
+            "writes are disabled on this server; set IMAGEFINDER_API_TOKEN to enable them"
         )
     scheme, given = get_authorization_scheme_param(request.headers.get("Authorization"))
     if scheme.lower() != "bearer" or not given:
-        problem = "missing bearer token: send 'Authorization: Bearer <IMAGEFINDER_API_TOKEN>'"
+        raise Unauthorized(
+            "missing bearer token: send 'Authorization: Bearer <IMAGEFINDER_API_TOKEN>'"
+        )
     # Bytes, because compare_digest refuses non-ASCII str; constant time either way.
-    elif not hmac.compare_digest(given.encode(), token.encode()):
-        problem = "wrong bearer token"
-    else:
-        return None
-    response = error_response(401, "unauthorized", problem)
-    response.headers["WWW-Authenticate"] = "Bearer"
-    return response
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("wrong bearer token")
 
 
 class TokenFirstRoute(APIRoute):
     """Checks the token before FastAPI reads the body: an anonymous client cannot
     make the server receive and parse an upload only to be refused afterwards."""
 
-    def get_route_handler(self):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
-        async def guarded(request: Request):
-            return refusal(request) or await handler(request)
+        async def guarded(request: Request) -> Response:
+            check_token(request)
+            return await handler(request)
 
         return guarded
 
-
-AUTH_ERRORS = {
-    **ERRORS,
-    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
-    403: {"model": ErrorResponse, "description": "Writes disabled: no IMAGEFINDER_API_TOKEN"},
-}
 
 # Security(...) only documents the scheme in OpenAPI; TokenFirstRoute does the check.
 router = APIRouter(
@@ -88,23 +79,11 @@ router = APIRouter(
 )
 
 
-class ImageWritten(BaseModel):
-    id: str
-    replaced: bool
-    format: str
-    bytes: int
-
-
-class ImageDeleted(BaseModel):
-    id: str
-    file_removed: bool
-
-
 def add_image(service: Service, image_id: str, data: bytes) -> ImageWritten:
     """Embed ``data`` and add it as ``image_id``, replacing any image with that id."""
     problem = id_problem(image_id)
     if problem:
-        raise ServiceError(422, "invalid_id", problem)
+        raise InvalidRequest(problem, code="invalid_id")
     # The first write creates the index, so decode fully first: a broken file must not
     # leave an empty index behind. Later writes decode once, while embedding.
     fmt = sniff(data) if service.store.meta() else probe(data, service.settings.max_pixels)
@@ -128,7 +107,7 @@ def remove_image(service: Service, image_id: str) -> ImageDeleted:
     with _write_lock:
         path = service.store.path_of(image_id) if service.store.meta() else None
         if path is None:
-            raise ServiceError(404, "unknown_id", f"no image with id {image_id!r} in the index")
+            raise unknown_id(image_id)
         service.store.delete([image_id])
         file = Path(path)
         owned = file.resolve().is_relative_to(Path(service.settings.images_dir).resolve())
@@ -151,7 +130,7 @@ async def post_image(
     image_id: Annotated[
         str, Form(alias="id", description="Letters, digits, '_', '-', '.'; at most 128")
     ],
-):
+) -> ImageWritten:
     data = await read_upload(file, service)
     return await run_in_threadpool(add_image, service, image_id, data)
 
@@ -159,8 +138,8 @@ async def post_image(
 @router.delete(
     "/images/{image_id:path}",
     response_model=ImageDeleted,
-    responses={**AUTH_ERRORS, 404: {"model": ErrorResponse, "description": "Unknown id"}},
+    responses={**AUTH_ERRORS, **errors(_404="Unknown id")},
     summary="Remove an image from the index",
 )
-async def delete_image(service: ServiceDep, image_id: str):
+async def delete_image(service: ServiceDep, image_id: str) -> ImageDeleted:
     return await run_in_threadpool(remove_image, service, image_id)

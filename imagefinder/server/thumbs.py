@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import Settings
-from .images import load_rgb
-from .store import FileState, Store
+from ..config import Settings
+from ..images import load_rgb
+from ..store import FileState, Store
 
 SIDE = 256
 QUALITY = 82

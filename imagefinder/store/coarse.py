@@ -22,7 +22,11 @@ again below half that); readers use it whenever it exists.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from .base import keyset_pages
 
 TABLE = "vec_coarse"
 CENTRE = "coarse_centre"
@@ -36,7 +40,7 @@ MODE_BINARY = "binary+rerank"
 _CODE = f"vec_quantize_binary(vec_sub(?, (SELECT vector FROM {CENTRE})))"
 
 
-def exists(conn) -> bool:
+def exists(conn: Any) -> bool:
     return (
         conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (CENTRE,)
@@ -45,18 +49,18 @@ def exists(conn) -> bool:
     )
 
 
-def add(conn, rowid: int, blob: bytes, replacing: bool) -> None:
+def add(conn: Any, rowid: int, blob: bytes, replacing: bool) -> None:
     """Mirror one upserted vector (call only while the table exists)."""
     if replacing:
         conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (rowid,))
     conn.execute(f"INSERT INTO {TABLE} (rowid, embedding) VALUES (?, {_CODE})", (rowid, blob))
 
 
-def remove(conn, rowid: int) -> None:
+def remove(conn: Any, rowid: int) -> None:
     conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (rowid,))
 
 
-def sync(conn, min_rows: int) -> None:
+def sync(conn: Any, min_rows: int) -> None:
     """Build, rebuild or drop the table for the index's current size (inside a write)."""
     count = conn.execute("SELECT count(*) FROM images").fetchone()[0]
     if exists(conn):
@@ -69,25 +73,27 @@ def sync(conn, min_rows: int) -> None:
         build(conn)
 
 
-def drop(conn) -> None:
+def drop(conn: Any) -> None:
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
     conn.execute(f"DROP TABLE IF EXISTS {CENTRE}")
 
 
-def build(conn) -> None:
+def build(conn: Any) -> None:
     """(Re)create the table from ``images``: the centre first, then every code in one statement."""
     dim = int(conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()[0])
     count = conn.execute("SELECT count(*) FROM images").fetchone()[0]
     step = max(1, count // SAMPLE)
-    sample, seen, last = [], 0, -1
-    while True:  # chunked: memory is bounded by the sample, however large the index
-        rows = conn.execute(
-            "SELECT rowid, embedding FROM images WHERE rowid > ? ORDER BY rowid LIMIT 4096",
-            (last,),
+    sample: list[bytes] = []
+    seen = 0
+
+    def fetch(after: int, limit: int) -> list[Any]:
+        return conn.execute(
+            "SELECT rowid, embedding FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
         ).fetchall()
-        if not rows:
-            break
-        last = rows[-1][0]
+
+    # Paged: memory is bounded by the sample, however large the index.
+    for rows in keyset_pages(fetch, -1, 4096):
         sample += [r[1] for i, r in enumerate(rows, seen) if i % step == 0]
         seen += len(rows)
     vectors = np.frombuffer(b"".join(sample), dtype=np.float32).reshape(len(sample), dim)
@@ -106,7 +112,7 @@ def build(conn) -> None:
     )
 
 
-def search(conn, blob: bytes, fetch: int, candidates: int) -> list[tuple[str, float]]:
+def search(conn: Any, blob: bytes, fetch: int, candidates: int) -> list[tuple[str, float]]:
     """``fetch`` nearest (id, L2 distance): Hamming pre-selection, exact re-rank."""
     return conn.execute(
         f"""WITH coarse AS (

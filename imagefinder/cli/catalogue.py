@@ -1,0 +1,213 @@
+"""Building a catalogue: ``download`` its images, ``extract`` their vectors into the index."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..model.registry import MODELS, PRECISIONS
+from .base import command, db_option, load_settings
+
+if TYPE_CHECKING:
+    from ..download import Outcome
+
+
+@command()
+@click.option(
+    "--csv_file",
+    "--csv-file",
+    "csv_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV with a header 'url,id'.",
+)
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    default="data/images",
+    show_default=True,
+    help="Folder the images are saved to, as <id>.<ext>.",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    help="Where to write every row's outcome (default: <output-dir>/manifest.csv).",
+)
+@click.option(
+    "--workers",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Concurrent downloads.",
+)
+@click.option(
+    "--timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds to wait for a server before retrying.",
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 10),
+    help="Retries for timeouts, dropped connections, 429 and 5xx.",
+)
+@click.option(
+    "--max-mb",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest file accepted, in MB.",
+)
+def download(
+    csv_file: str,
+    output_dir: str,
+    manifest: str | None,
+    workers: int,
+    timeout: float,
+    retries: int,
+    max_mb: int,
+) -> None:
+    """Download every image listed in a CSV of `url,id` rows."""
+    from ..catalog import read_catalog
+    from ..download import Downloader, DownloadOptions, write_manifest
+
+    if not Path(csv_file).is_file():
+        raise click.UsageError(f"{csv_file}: no such file; pass the catalogue CSV with --csv_file")
+    rows = read_catalog(csv_file)
+    settings = load_settings()
+    options = DownloadOptions(
+        timeout=timeout,
+        retries=retries,
+        max_bytes=max_mb * 1024 * 1024,
+        max_pixels=settings.max_pixels,
+        workers=workers,
+    )
+    for row in rows:
+        if row.problem:
+            click.echo(f"skipping {csv_file}:{row.line}: {row.problem}", err=True)
+    downloader = Downloader(output_dir, options)
+    with click.progressbar(length=len(rows), label="Downloading", file=sys.stderr) as bar:
+
+        def done(outcome: Outcome) -> None:
+            if outcome.status == "failed" and not any(
+                r.line == outcome.line and r.problem for r in rows
+            ):
+                click.echo(f"\nskipping {outcome.id} ({outcome.url}): {outcome.reason}", err=True)
+            bar.update(1)
+
+        outcomes = downloader.run(rows, on_done=done)
+    manifest_path = Path(manifest or Path(output_dir) / "manifest.csv")
+    write_manifest(manifest_path, outcomes)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("downloaded", "skipped", "failed")}
+    click.echo(
+        f"{counts['downloaded']} downloaded, {counts['skipped']} skipped (already there), "
+        f"{counts['failed']} failed; manifest: {manifest_path}"
+    )
+    if counts["downloaded"] + counts["skipped"] == 0:
+        raise click.ClickException("nothing usable was downloaded; see the manifest for reasons")
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("use the form i/n, for example 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"need 0 <= i < n, got {value}")
+    return i, n
+
+
+@command()
+@click.option(
+    "--folder",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder of images; sub-folders are included, ids are file stems.",
+)
+@db_option
+@click.option(
+    "--model",
+    type=click.Choice(list(MODELS)),
+    help="Embedding model (default: $IMAGEFINDER_MODEL or resnet50).",
+)
+@click.option(
+    "--weights",
+    help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
+    "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="fp32 (default); bf16 (PyTorch autocast) is faster on CPUs with AVX-512 "
+    "BF16; bf16-ov and int8 (fastest) run in OpenVINO: pip install "
+    "'imagefinder[openvino]'.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 256), help="Images per forward pass.")
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Decoding threads running beside inference.",
+)
+@click.option("--prune", is_flag=True, help="Delete index rows whose files are gone.")
+@click.option("--shard", help="Index only shard i of n (by a stable hash of the id), e.g. 0/4.")
+def extract(
+    folder: str,
+    db: str | None,
+    model: str | None,
+    weights: str | None,
+    precision: str | None,
+    batch_size: int | None,
+    workers: int,
+    prune: bool,
+    shard: str | None,
+) -> None:
+    """Embed every image in a folder into the index, incrementally."""
+    from ..indexer import calibration_sample, in_shard, index_folder
+    from ..service import Service
+
+    shard_spec = parse_shard(shard)
+    settings = load_settings(db=db, precision=precision, batch_size=batch_size)
+    service = Service(settings)
+    store = service.store
+    # An index remembers its model and weights: extending it needs neither option.
+    name, _ = service.choose_model(model, weights)
+    click.echo(f"Loading {name} ...", err=True)
+    calibration = calibration_sample(folder) if settings.precision == "int8" else ()
+    embedder = service.load_writer(model, weights, calibration)
+    bar: Any = click.progressbar(length=0, label="Embedding", file=sys.stderr)
+
+    def on_total(n: int) -> None:
+        bar.length = n
+
+    summary = index_folder(
+        folder,
+        store,
+        embedder,
+        batch_size=settings.batch_size,
+        workers=workers,
+        prune=prune,
+        max_pixels=settings.max_pixels,
+        select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
+        on_total=on_total,
+        on_progress=bar.update,
+        on_skip=lambda path, reason: click.echo(f"\nskipping {path}: {reason}", err=True),
+    )
+    bar.render_finish()
+    total = store.count()
+    store.close()
+    click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
+    if summary.missing:
+        click.echo(
+            f"{summary.missing} indexed files no longer exist; run with --prune to remove them",
+            err=True,
+        )

@@ -1,0 +1,113 @@
+"""Every error a user can act on, under one root with a stable ``code``.
+
+The message says what went wrong and how to fix it; the ``code`` is what programs
+key on (API clients, the web page, tests). Nothing here knows about HTTP or the
+terminal: the server maps each code to a status in one table
+(``server/app.py``), and the CLI prints the message as one line.
+"""
+
+from __future__ import annotations
+
+
+class ImageFinderError(Exception):
+    """Root of the package's errors. ``code`` names the problem, ``message`` the fix."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ImageFinderError):
+    """A setting (``IMAGEFINDER_*`` or an option) has a value that cannot work."""
+
+    code = "invalid_setting"
+
+
+class CatalogError(ImageFinderError):
+    """The catalogue CSV as a whole cannot be used (bad header, not text)."""
+
+    code = "invalid_catalog"
+
+
+class InvalidRequest(ImageFinderError):
+    """A request parameter is out of range or malformed (codes ``invalid_request``,
+    ``invalid_id``)."""
+
+    code = "invalid_request"
+
+
+class ImageError(ImageFinderError):
+    """The input cannot be used as an image."""
+
+    code = "not_an_image"
+
+
+class NotAnImage(ImageError):
+    pass
+
+
+class EmptyUpload(ImageError):
+    code = "empty_upload"
+
+
+class TooLarge(ImageError):
+    """More bytes than the cap allows."""
+
+    code = "too_large"
+
+
+class TooManyPixels(ImageError):
+    code = "too_many_pixels"
+
+
+class ModelUnavailable(ImageFinderError):
+    """The model's weights cannot be loaded."""
+
+    code = "model_unavailable"
+
+
+class StoreError(ImageFinderError):
+    """The index cannot be opened, read or written."""
+
+    code = "index_unusable"
+
+
+class IndexMismatch(StoreError):
+    """Vectors of another model, weights or preprocessing would be mixed into an index."""
+
+
+class IndexNotReady(ImageFinderError):
+    """There is no index yet (``index_missing``), or it holds no vectors (``index_empty``)."""
+
+    code = "index_missing"
+
+
+class NotFound(ImageFinderError):
+    """An id that is not in the index (``unknown_id``), or whose file is gone
+    (``file_missing``)."""
+
+    code = "unknown_id"
+
+
+class Unauthorized(ImageFinderError):
+    """A write without the right bearer token."""
+
+    code = "unauthorized"
+
+
+class WritesDisabled(ImageFinderError):
+    """A write to a server that has no token configured."""
+
+    code = "writes_disabled"
+
+
+def unknown_id(image_id: str) -> NotFound:
+    """The one "unknown id" error, wherever an id is looked up."""
+    return NotFound(f"no image with id {image_id!r} in the index")

@@ -1,0 +1,83 @@
+"""Files of the catalogue folder: content hashes, and ``<id>.<ext>`` written atomically.
+
+A file is written to a hidden temporary name in its final folder (same filesystem,
+so the rename is atomic) and renamed into place: a crash never leaves a half file
+under a real name, and leftovers are swept on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from .images import FORMATS, SUFFIXES
+
+TEMP_PREFIX = ".imagefinder-"
+TEMP_SUFFIX = ".part"
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def existing_file(output_dir: Path, image_id: str) -> Path | None:
+    """The file saved for ``image_id`` in ``output_dir``, whatever its format."""
+    for ext in SUFFIXES:
+        path = output_dir / f"{image_id}.{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def temp_file(output_dir: Path, image_id: str) -> tuple[int, Path]:
+    """A hidden temporary file beside the final one (same filesystem, so rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{image_id}.", suffix=TEMP_SUFFIX, dir=output_dir
+    )
+    return fd, Path(tmp)
+
+
+def place_file(tmp_path: Path, output_dir: Path, image_id: str, fmt: str) -> Path:
+    """Rename a complete temporary file to ``<id>.<ext>`` (ext from the decoded format)."""
+    final = output_dir / f"{image_id}.{FORMATS[fmt].extension}"
+    os.replace(tmp_path, final)
+    # A new copy in another format must not leave the old file as a twin.
+    for ext in SUFFIXES:
+        other = output_dir / f"{image_id}.{ext}"
+        if other != final and other.exists():
+            other.unlink()
+    return final
+
+
+def save_bytes(output_dir: Path, image_id: str, fmt: str, data: bytes) -> Path:
+    """Write ``data`` as ``<id>.<ext>``: temp file, fsync, rename; never a half file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = temp_file(output_dir, image_id)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return place_file(tmp_path, output_dir, image_id, fmt)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def sweep_temp_files(output_dir: Path) -> int:
+    """Remove temporary files a killed run left behind."""
+    n = 0
+    for path in output_dir.glob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        try:
+            path.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n

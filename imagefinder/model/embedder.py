@@ -1,0 +1,155 @@
+"""A loaded model behind one call: ``Embedder.embed_batch(images) -> float32 array``.
+
+Vectors come out L2-normalised, so the index's L2 distance ranks like cosine.
+Weights are never silently random: a model either loads its pretrained weights
+or raises ``ModelUnavailable`` saying how to get them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, ImageError
+from ..images import load_rgb
+from .batcher import Batcher
+from .registry import PRECISIONS, ModelSpec, spec_for
+
+# Calibration images are decoded under this cap: they come from the user's own folder.
+CALIBRATION_MAX_PIXELS = 100_000_000
+
+
+class Embedder:
+    """A loaded model plus the exact preprocessing its vectors depend on."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: torch.nn.Module,
+        weights_id: str,
+        precision: str,
+        weights_path: str | None = None,
+    ):
+        _check_precision(precision)
+        self.spec = spec
+        self.weights_id = weights_id
+        self.weights_path = weights_path
+        self.precision = precision
+        # The OpenVINO model for bf16-ov/int8 (set by load_embedder).
+        self.accelerated: Callable[[np.ndarray], np.ndarray] | None = None
+        self.module = module.eval().to(memory_format=torch.channels_last)
+        self._mean = torch.tensor(spec.mean).view(3, 1, 1) * 255.0
+        self._std = torch.tensor(spec.std).view(3, 1, 1) * 255.0
+        # One forward at a time, all on one thread: torch already spreads a batch over
+        # every core, and concurrent forwards only fight over them (see batcher.py).
+        self._batcher = Batcher(self._forward)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def min_side(self) -> int:
+        """Smallest decode size that loses nothing (JPEG draft target)."""
+        return self.spec.input_size
+
+    def meta(self) -> dict[str, str]:
+        meta = {
+            "model": self.spec.name,
+            "weights": self.weights_id,
+            "dim": str(self.spec.dim),
+            "preprocessing": self.spec.preprocessing,
+        }
+        if self.weights_path:
+            # Where the API finds the same file again (IMAGEFINDER_WEIGHTS overrides).
+            meta["weights_path"] = self.weights_path
+        return meta
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """RGB image -> normalised (3, S, S) float tensor. Thread-safe."""
+        size = self.spec.input_size
+        w, h = img.size
+        scale = size / min(w, h)
+        new = (max(size, round(w * scale)), max(size, round(h * scale)))
+        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left, top = (new[0] - size) // 2, (new[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (x.float() - self._mean) / self._std
+
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) preprocessed batch -> (N, dim) unit float32 vectors. Thread-safe:
+        concurrent calls are merged into one forward."""
+        return self._batcher(batch)
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        if self.accelerated is not None:
+            out = torch.from_numpy(self.accelerated(batch.numpy()))
+            return torch.nn.functional.normalize(out, dim=1).numpy()
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.precision == "bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = self.module(batch)
+            else:
+                out = self.module(batch)
+        out = out.float()
+        out = torch.nn.functional.normalize(out, dim=1)
+        return out.numpy().astype(np.float32, copy=False)
+
+    def embed_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_tensors(torch.stack([self.preprocess(i) for i in images]))
+
+
+def load_embedder(
+    name: str = "resnet50",
+    weights: str | None = None,
+    precision: str = "fp32",
+    threads: int | None = None,
+    calibration: Sequence[str | Path] = (),
+) -> Embedder:
+    """Load a model by name. ``weights`` is a torchvision weights name or a file path.
+
+    ``calibration``: image files to quantise with, needed once per weights for int8.
+    """
+    _check_precision(precision)
+    spec = spec_for(name)
+    if threads:
+        torch.set_num_threads(threads)
+    module, weights_id = spec.build(weights)
+    path = (
+        str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
+    )
+    embedder = Embedder(spec, module, weights_id, precision, path)
+    if precision in ("bf16-ov", "int8"):
+        from . import ovmodel
+
+        def samples() -> list[torch.Tensor]:
+            out = []
+            for f in calibration:
+                try:
+                    img = load_rgb(f, CALIBRATION_MAX_PIXELS, spec.input_size)
+                    out.append(embedder.preprocess(img))
+                except (ImageError, OSError):
+                    continue  # the extraction itself reports unreadable files
+            return out
+
+        embedder.accelerated = ovmodel.load(
+            module, spec.name, weights_id, precision, spec.input_size, threads, samples
+        )
+    return embedder
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")

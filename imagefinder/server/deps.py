@@ -1,0 +1,36 @@
+"""What routes share: the service behind the app, uploads read under the cap, and the
+one error body."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from ..errors import EmptyUpload, TooLarge
+from ..service import Service
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": message}}, status_code=status
+    )
+
+
+async def read_upload(file: UploadFile, service: Service) -> bytes:
+    cap = service.settings.max_upload_bytes
+    data = await file.read(cap + 1)
+    if len(data) > cap:
+        raise TooLarge(f"upload over the limit of {cap:,} bytes")
+    if not data:
+        raise EmptyUpload("the uploaded file is empty")
+    return data

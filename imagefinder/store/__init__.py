@@ -1,0 +1,30 @@
+"""Index stores: a SQLite file (``sqlite``) or a PostgreSQL database (``postgres``),
+behind one ``Store`` interface (``base``). ``open_store`` picks one from a location."""
+
+from __future__ import annotations
+
+from ..errors import StoreError
+from .base import FileState, Item, Store, display_location, is_postgres
+from .sqlite import SQLiteStore
+
+__all__ = ["FileState", "Item", "Store", "display_location", "is_postgres", "open_store"]
+
+
+def open_store(location: str, *, ef_search: int | None = None, exact: bool = False) -> Store:
+    """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
+    (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
+    anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
+    then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
+    ``exact``). ``ef_search`` None means each store's own default."""
+    if is_postgres(location):
+        try:
+            from .postgres import DEFAULT_EF_SEARCH, PGStore
+        except ImportError as e:
+            raise StoreError(
+                f"a postgresql:// index needs psycopg ({e}); install it with: "
+                "pip install 'imagefinder[postgres]'"
+            ) from None
+        return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
+    if ef_search:
+        return SQLiteStore(location, ef_search=ef_search, exact=exact)
+    return SQLiteStore(location, exact=exact)

@@ -1,0 +1,213 @@
+"""What every index store shares: its rows, its meta, and the behaviour built on top of
+the few operations each store implements in its own SQL.
+
+An index's meta holds the schema version and the identity of its vectors (model,
+weights, dimension, preprocessing): vectors of different identities never mix.
+The schema migrates forward: ``migrations[i]`` takes version ``i + 1`` to ``i + 2``,
+inside the write transaction that checks the version, so two processes never both
+migrate.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from ..errors import IndexMismatch, StoreError
+
+METRIC = "l2"
+# Keys that must match for vectors to be comparable.
+IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    vector: np.ndarray
+
+
+Row = TypeVar("Row", bound=Sequence[Any])
+
+
+def keyset_pages(
+    fetch: Callable[[Any, int], list[Row]], start: Any, batch: int
+) -> Iterator[list[Row]]:
+    """Pages of rows whose first column is an increasing key: ``fetch(after, limit)``
+    returns up to ``limit`` rows with keys above ``after``. Memory is one page."""
+    last = start
+    while True:
+        rows = fetch(last, batch)
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield rows
+
+
+class Store(ABC):
+    """An index: ``SQLiteStore`` (one file) or ``PGStore`` (a PostgreSQL database).
+    ``open_store`` picks one from a location."""
+
+    kind: ClassVar[str]
+    # What the version error tells the user to do.
+    rebuild_hint: ClassVar[str]
+    # migrations[i] upgrades an index from schema version i + 1 to i + 2; each takes the
+    # store's connection inside the transaction that holds the schema lock.
+    migrations: ClassVar[Sequence[Callable[[Any], None]]] = ()
+
+    @classmethod
+    def schema_version(cls) -> int:
+        return 1 + len(cls.migrations)
+
+    # -- what each store implements ------------------------------------------
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the index is, safe to show (no password)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def meta(self) -> dict[str, str]:
+        """The index's meta; empty if there is no index yet."""
+
+    @abstractmethod
+    def ensure_schema(self, identity: dict[str, str]) -> None:
+        """Create the index for ``identity`` (model meta), or check that it matches."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @abstractmethod
+    def file_states(self) -> dict[str, FileState]: ...
+
+    @abstractmethod
+    def file_state(self, image_id: str) -> FileState | None: ...
+
+    @abstractmethod
+    def vector_of(self, image_id: str) -> np.ndarray | None: ...
+
+    @abstractmethod
+    def _item_pages(self, batch: int) -> Iterator[list[Item]]:
+        """Every row, a page at a time, in the store's key order."""
+
+    @abstractmethod
+    def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
+        """The ``fetch`` nearest (id, L2 distance), nearest first."""
+
+    @abstractmethod
+    def upsert(self, items: Iterable[Item]) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many."""
+
+    @abstractmethod
+    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
+        """Record a new path/mtime for a file whose content did not change."""
+
+    @abstractmethod
+    def delete(self, ids: Iterable[str]) -> int: ...
+
+    def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
+        """``expected`` rows are about to be written: a store may drop its ANN index."""
+
+    def end_bulk(self) -> None:  # noqa: B027 (optional hook)
+        """The bulk write is over: (re)build whatever ``begin_bulk`` dropped."""
+
+    # -- shared behaviour -----------------------------------------------------
+
+    def path_of(self, image_id: str) -> str | None:
+        state = self.file_state(image_id)
+        return state.path if state else None
+
+    def iter_items(self, batch: int = 1000) -> Iterator[list[Item]]:
+        """Yield lists of whole rows (for copying an index)."""
+        return self._item_pages(batch)
+
+    def iter_vectors(self, batch: int = 1000) -> Iterator[list[tuple[str, str, np.ndarray]]]:
+        """Yield lists of (id, path, vector)."""
+        for items in self._item_pages(batch):
+            yield [(it.id, it.path, it.vector) for it in items]
+
+    def knn(
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first, leaving out
+        the ids in ``exclude``."""
+        skip = set(exclude)
+        rows = self._nearest(vector, k + len(skip))
+        return [(i, d) for i, d in rows if i not in skip][:k]
+
+    def check_existing(self, existing: dict[str, str], identity: dict[str, str]) -> None:
+        """An index exists: refuse to write ``identity``'s vectors into it if they differ."""
+        self.check_version(existing)
+        check_compatible(existing, identity, self.location)
+
+    def check_version(self, meta: dict[str, str]) -> int:
+        """The index's schema version; an error if this ImageFinder cannot read it."""
+        version = int(meta.get("schema_version", "0"))
+        if not 1 <= version <= self.schema_version():
+            raise StoreError(
+                f"{self.location} has schema version {version}, this ImageFinder "
+                f"reads version {self.schema_version()}; {self.rebuild_hint}"
+            )
+        return version
+
+    def pending_migrations(self, meta: dict[str, str]) -> Sequence[Callable[[Any], None]]:
+        return self.migrations[self.check_version(meta) - 1 :]
+
+
+def check_compatible(existing: dict[str, str], identity: dict[str, str], where: str) -> None:
+    """Refuse to mix vectors from different models, weights or preprocessing."""
+    for key in IDENTITY_KEYS:
+        if key in identity and existing.get(key) != identity[key]:
+            raise IndexMismatch(
+                f"{where} was built with {key}={existing.get(key)!r}, but this run uses "
+                f"{key}={identity[key]!r}; vectors from different models cannot be mixed. "
+                f"Use --model {existing.get('model')} (and the same weights), or a new --db path"
+            )
+
+
+def new_meta(identity: dict[str, str], version: int) -> dict[str, str]:
+    """The meta of a new index. Keys already in ``identity`` win, so a copied index
+    keeps its original meta (created_at included), but never an older schema version."""
+    return {
+        "metric": METRIC,
+        "normalized": "l2",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **identity,
+        "schema_version": str(version),
+    }
+
+
+def is_postgres(location: str) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def display_location(location: str) -> str:
+    """``location`` safe to print: a PostgreSQL URL loses its password."""
+    text = str(location)
+    if not is_postgres(text):
+        return text
+    parts = urlsplit(text)
+    if parts.password:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
+    return urlunsplit(parts)
