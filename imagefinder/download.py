@@ -95,9 +95,7 @@ class Downloader:
         return [outcomes[row.line] for row in rows]
 
     def fetch_row(self, row: Row) -> Outcome:
-        def out(
-            status: str, reason: str = "", path: Path | None = None, size: int = 0
-        ) -> Outcome:
+        def out(status: str, reason: str = "", path: Path | None = None, size: int = 0) -> Outcome:
             return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size)
 
         if row.problem:

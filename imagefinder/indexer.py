@@ -25,7 +25,6 @@ from .images import is_image_path, load_rgb
 from .model.embedder import Embedder
 from .store import Item, Store
 
-
 T = TypeVar("T")
 R = TypeVar("R")
 # What a decode worker hands back: the file, its hash, its tensor (None when its content

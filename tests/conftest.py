@@ -46,6 +46,17 @@ def caltech_index(tmp_path_factory, caltech_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model():
+    """The fake model (``fake_model.py``), loaded once: for every test where the model is
+    not the point. It embeds a photo in well under a millisecond."""
+    import fake_model
+
+    from imagefinder.model.embedder import load_embedder
+
+    return load_embedder(fake_model.NAME)
+
+
+@pytest.fixture(scope="session")
 def lite0():
     """The real efficientnet-lite0, loaded once."""
     from imagefinder.model.embedder import load_embedder

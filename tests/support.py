@@ -77,12 +77,21 @@ def free_port() -> int:
 class LiveServer:
     """``uvicorn main:app`` in a subprocess on 127.0.0.1, as a user would run it."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1):
+    def __init__(
+        self,
+        env: dict[str, str],
+        port: int | None = None,
+        workers: int = 1,
+        fake_model: bool = False,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **env}
+        # With fake_model, the server process registers the tests' fake model first.
+        launcher = [str(ROOT / "tests" / "fake_model.py")] if fake_model else []
         cmd = [
             sys.executable,
+            *launcher,
             "-m",
             "uvicorn",
             "main:app",

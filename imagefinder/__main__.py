@@ -1,0 +1,5 @@
+"""``python -m imagefinder``: the ``imagefinder`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""A deterministic fake model, registered only in tests: colour statistics, not a CNN.
+
+It runs the real pipeline (decode, preprocess, batched forward, L2 normalisation,
+the index's identity checks) in milliseconds, so tests about the API, the stores and
+the CLI need neither efficientnet-lite0 nor torchvision. Tests where the model
+itself or retrieval quality is the point keep the real models.
+
+Features of a 32x32 centre crop: a 4x4x4 joint colour histogram (square-rooted, as
+in the Hellinger kernel) and the mean colour of a 4x4 grid, then a fixed, seeded
+random projection to ``DIM`` dimensions, so every dimension carries signal as CNN
+features do. Same pixels, same vector; near-identical pictures land close.
+
+Subprocesses (a live server, the scripts) register it by running through this file:
+``python tests/fake_model.py -m uvicorn main:app ...`` or
+``python tests/fake_model.py extract_image_features.py ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+import torch
+
+from imagefinder.model.registry import ModelSpec, register
+
+NAME = "fake-colour"
+DIM = 128
+SEED = 20261129
+_BINS = 4
+_GRID = 4
+_RAW = _BINS**3 + 3 * _GRID * _GRID
+
+
+class ColourFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(SEED)
+        projection = torch.randn(_RAW, DIM, generator=generator) / _RAW**0.5
+        self.register_buffer("projection", projection)
+        self.register_buffer("mean", torch.tensor(SPEC.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(SPEC.std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = (x.float() * self.std + self.mean).clamp(0, 1)  # back to [0, 1]
+        n = rgb.shape[0]
+        levels = (rgb * _BINS).long().clamp(max=_BINS - 1)
+        bins = (levels[:, 0] * _BINS + levels[:, 1]) * _BINS + levels[:, 2]
+        histogram = torch.zeros(n, _BINS**3).scatter_add_(
+            1, bins.view(n, -1), torch.ones(n, bins[0].numel())
+        )
+        histogram = (histogram / bins[0].numel()).sqrt()
+        grid = torch.nn.functional.adaptive_avg_pool2d(rgb, _GRID).reshape(n, -1)
+        return torch.cat([histogram, grid], dim=1) @ self.projection
+
+
+def build(weights: str | None) -> tuple[torch.nn.Module, str]:
+    return ColourFeatures(), f"seed-{SEED}"
+
+
+SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
+
+
+def command(*args: str) -> list[str]:
+    """The command line that runs ``args`` (a script, or ``-m module ...``) in a
+    subprocess with the fake model registered."""
+    return [sys.executable, __file__, *args]
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    sys.path.insert(0, os.getcwd())  # as `python -m` and `python script.py` from there would
+    if args[:1] == ["-m"]:
+        sys.argv = [args[1], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = args
+        runpy.run_path(args[0], run_name="__main__")
