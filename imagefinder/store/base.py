@@ -5,7 +5,8 @@ An index's meta holds the schema version and the identity of its vectors (model,
 weights, dimension, preprocessing): vectors of different identities never mix.
 The schema migrates forward: ``migrations[i]`` takes version ``i + 1`` to ``i + 2``,
 inside the write transaction that checks the version, so two processes never both
-migrate.
+migrate. A new index is created at version 1 and migrated like any other, so a
+schema change is one migration appended to the store's ``migrations``, nothing else.
 """
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def check_compatible(existing: dict[str, str], identity: dict[str, str], where: 
 
 
 def new_meta(identity: dict[str, str], version: int) -> dict[str, str]:
-    """The meta of a new index. Keys already in ``identity`` win, so a copied index
-    keeps its original meta (created_at included), but never an older schema version."""
+    """The meta of a new index at schema ``version``. Keys already in ``identity`` win, so
+    a copied index keeps its original meta (created_at included), but not its version."""
     return {
         "metric": METRIC,
         "normalized": "l2",

@@ -17,7 +17,6 @@ here only: SQLite users never need it.
 
 from __future__ import annotations
 
-import struct
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
@@ -26,13 +25,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.adapt import Dumper, Loader
-from psycopg.pq import Format
-from psycopg.types import TypeInfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
 from .base import FileState, Item, Store, display_location, keyset_pages, new_meta
+from .pgvector import register_vector
 
 IMAGES = "imagefinder_images"
 META = "imagefinder_meta"
@@ -50,40 +47,6 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
-
-
-class _VectorDumper(Dumper):
-    """numpy float32 -> pgvector's binary wire format (dim, unused, big-endian floats)."""
-
-    format = Format.BINARY
-
-    def dump(self, obj: np.ndarray) -> bytes:
-        v = np.asarray(obj, dtype=">f4").ravel()
-        return struct.pack(">HH", v.shape[0], 0) + v.tobytes()
-
-
-class _VectorLoader(Loader):
-    format = Format.BINARY
-
-    def load(self, data: Any) -> np.ndarray:
-        (dim,) = struct.unpack_from(">H", data)
-        return np.frombuffer(data, dtype=">f4", count=dim, offset=4).astype(np.float32)
-
-
-def _register_vector(conn: psycopg.Connection) -> bool:
-    """Teach ``conn`` the vector type (its oid differs per database). False if the
-    extension is not there yet."""
-    if conn.adapters.types.get("vector") is not None:
-        return True
-    info = TypeInfo.fetch(conn, "vector")
-    if info is None:
-        return False
-    info.register(conn)
-    conn.adapters.register_dumper(
-        np.ndarray, type("VectorDumper", (_VectorDumper,), {"oid": info.oid})
-    )
-    conn.adapters.register_loader(info.oid, _VectorLoader)
-    return True
 
 
 def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
@@ -168,7 +131,7 @@ class PGStore(Store):
         pool = self._get_pool()
         try:
             with pool.connection() as conn:
-                _register_vector(conn)
+                register_vector(conn)
                 yield conn
         except PoolTimeout as e:
             raise StoreError(f"no connection to {self.location}: {_one_line(e)}") from e
@@ -228,9 +191,10 @@ class PGStore(Store):
             conn.execute(self._create_index_sql(dim))
             conn.execute(f"CREATE TABLE IF NOT EXISTS {STATS} (rows bigint NOT NULL)")
             conn.execute(f"INSERT INTO {STATS} SELECT count(*) FROM {IMAGES}")
-            meta = new_meta(identity, self.schema_version())
+            meta = new_meta(identity, 1)
             with conn.cursor() as cur:
                 cur.executemany(f"INSERT INTO {META} VALUES (%s, %s)", list(meta.items()))
+            meta = self._migrate(conn, meta)
         self._meta = meta
 
     def _create_extension(self, conn: psycopg.Connection) -> None:
@@ -252,7 +216,7 @@ class PGStore(Store):
                 f"{self.location}: pgvector is not installed on the server "
                 f"(https://github.com/pgvector/pgvector#installation): {_one_line(e)}"
             ) from e
-        _register_vector(conn)
+        register_vector(conn)
 
     def _migrate(self, conn: psycopg.Connection, meta: dict[str, str]) -> dict[str, str]:
         """Apply the migrations ``meta``'s version lacks (under the schema lock)."""

@@ -175,8 +175,9 @@ class SQLiteStore(Store):
                 self._migrate(conn, existing)
                 return
             self._create(conn, int(identity["dim"]))
-            meta = new_meta(identity, self.schema_version())
+            meta = new_meta(identity, 1)
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
+            self._migrate(conn, meta)
 
     @staticmethod
     def _create(conn: Any, dim: int) -> None:
