@@ -14,6 +14,10 @@ from typing import Any
 from .errors import ConfigError
 
 PREFIX = "IMAGEFINDER_"
+# The pixel cap. Decoding a picture this large costs at most about 4 bytes a pixel
+# (~260 MB; formats that need more per pixel get fewer pixels, see imagecost.py): the
+# most one upload may cost, measured by bench/hostile.py.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Settings:
     # Images per forward pass: 8 beat 16 and 32 on 2 cores (bench/bench.py --sweep).
     batch_size: int = 8
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default

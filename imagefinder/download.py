@@ -21,6 +21,7 @@ import requests
 
 from . import __version__
 from .catalog import Row, url_problem
+from .config import DEFAULT_MAX_PIXELS
 from .errors import ImageError
 from .files import existing_file, place_file, sweep_temp_files, temp_file
 from .images import probe
@@ -36,7 +37,7 @@ class DownloadOptions:
     retries: int = 3
     backoff: float = 0.5
     max_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 8
 
 

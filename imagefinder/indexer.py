@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from .config import DEFAULT_MAX_PIXELS
 from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
@@ -151,7 +152,7 @@ def index_folder(
     workers: int = 2,
     overlap: bool = False,
     prune: bool = False,
-    max_pixels: int = 100_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     select: Callable[[str], bool] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,

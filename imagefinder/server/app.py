@@ -44,6 +44,7 @@ STATUS = {
     "method_not_allowed": 405,
     "too_large": 413,
     "too_many_pixels": 413,
+    "too_complex": 413,
     "invalid_request": 422,
     "invalid_id": 422,
     "index_missing": 503,
@@ -51,6 +52,7 @@ STATUS = {
     "index_unusable": 503,
     "model_unavailable": 503,
     "invalid_setting": 503,
+    "busy": 503,
 }
 
 
