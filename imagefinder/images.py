@@ -235,8 +235,8 @@ def _float_top(img: Image.Image) -> float:
     """The value that maps to white: 65535 for 16-bit integers, the maximum for floats."""
     if img.mode != "F":
         return 65535.0
-    extrema = img.getextrema()
-    high = float(extrema[1]) if isinstance(extrema, tuple) else 1.0
+    high = img.getextrema()[1]
+    high = float(high) if isinstance(high, int | float) else 1.0
     return max(high, 1.0) if math.isfinite(high) else 1.0
 
 
