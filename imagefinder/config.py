@@ -32,6 +32,10 @@ class Settings:
     batch_size: int = 8
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Uploads decoded and embedded at once (each may hold ~4 bytes x max_pixels while it
+    # decodes), and how many more may wait for a slot before the server answers 503 busy.
+    max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queue: int = field(default_factory=lambda: 4 * (os.cpu_count() or 1))
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default
@@ -41,6 +45,13 @@ class Settings:
     # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
     # data/thumbs/ for a server index.
     thumbs_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, least in (("max_pixels", 1), ("max_concurrency", 1), ("max_queue", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()}={getattr(self, name)} must be at least {least}"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -17,7 +17,8 @@ from .config import Settings
 from .errors import IndexNotReady, StoreError, unknown_id
 from .images import load_rgb
 from .model.embedder import Embedder, load_embedder
-from .store import Store, display_location, open_store
+from .redact import redact
+from .store import Store, display_location, open_store, public_location
 from .store.base import check_compatible
 
 
@@ -156,6 +157,15 @@ class Service:
             "metric": meta.get("metric", ""),
             "results": [{"id": i, "distance": d} for i, d in results],
         }
+
+    def public_health(self) -> dict[str, Any]:
+        """``health()`` as an anonymous client may see it: the index by its file name (or
+        a server URL's host and database), no paths or credentials in ``detail``."""
+        answer = self.health()
+        answer["index"] = public_location(self.store.location)
+        if answer.get("detail"):
+            answer["detail"] = redact(answer["detail"], self.settings)
+        return answer
 
     def health(self) -> dict[str, Any]:
         try:

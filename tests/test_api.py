@@ -5,14 +5,17 @@ Every error leaves in one shape: ``{"error": {"status", "code", "message"}}``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
 
 from imagefinder.indexer import index_folder
+from imagefinder.redact import public_path
 from imagefinder.server.app import BODY_SLACK, create_app
 from imagefinder.service import Service
-from imagefinder.store import display_location, open_store
+from imagefinder.store import is_postgres, open_store, public_location
 
 CLASSES = ("accordion", "pagoda", "trilobite")
 # For what the API decides before it ever reaches the index: one store is enough.
@@ -180,10 +183,12 @@ def test_no_index_is_503_naming_the_command_that_builds_it(settings, jpeg):
     with make_client(settings) as client:
         error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_missing"
+        # Anyone may read it: the paths show their last part only, and no password.
         assert (
-            f"python extract_image_features.py --folder {settings.images_dir} "
-            f"--db {display_location(settings.db)}"
+            f"python extract_image_features.py --folder {public_path(settings.images_dir)} "
+            f"--db {public_location(settings.db) if is_postgres(settings.db) else public_path(settings.db)}"
         ) in error["message"]
+        assert str(Path(settings.images_dir).parent) not in error["message"]
         health = client.get("/health").json()
         assert (health["status"], health["vectors"], health["model"]) == ("missing", 0, None)
 
@@ -222,7 +227,9 @@ def test_health_reports_status_model_and_count(client, settings):
     assert health["status"] == "ok"
     assert (health["model"], health["metric"], health["dim"]) == ("efficientnet-lite0", "l2", 1280)
     assert health["vectors"] == 6
-    assert health["index"] == display_location(settings.db)
+    # Public: the file name of a SQLite index; host and database of a PostgreSQL one.
+    assert health["index"] == public_location(settings.db)
+    assert "/" not in health["index"].removeprefix("postgresql://").rstrip("/").split("/")[0]
 
 
 @STORE_UNUSED

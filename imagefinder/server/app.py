@@ -21,10 +21,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
-from ..errors import ImageFinderError, ModelUnavailable, StoreError
+from ..errors import Busy, ImageFinderError, ModelUnavailable, StoreError
+from ..redact import redact
 from ..service import Service
-from . import browse, search, writes
+from . import browse, health, search, writes
 from .deps import error_response
+from .gate import Gate
+from .health import HealthCheck
 
 log = logging.getLogger("imagefinder")
 
@@ -56,12 +59,15 @@ STATUS = {
 }
 
 
-def error_for(exc: ImageFinderError) -> JSONResponse:
-    """The answer to ``exc``: its code's status, its message, in the one shape."""
+def error_for(exc: ImageFinderError, settings: Settings | None = None) -> JSONResponse:
+    """The answer to ``exc``: its code's status, its message (with no path or credential
+    in it: anyone may read it), in the one shape."""
     status = STATUS.get(exc.code, 500)
-    response = error_response(status, exc.code, exc.message)
+    response = error_response(status, exc.code, redact(exc.message, settings))
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, Busy):
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 
@@ -114,6 +120,20 @@ class BodySizeLimit:
         return f"request body over the limit of {self.max_bytes - BODY_SLACK:,} bytes"
 
 
+def raise_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each idle client holds a
+    socket, and at the soft limit (often 1024) accept() fails for everyone, /health
+    included."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: keep the limit
+        pass
+
+
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     settings = settings or (service.settings if service else Settings.from_env())
 
@@ -121,6 +141,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service or Service(settings)
         app.state.service = svc
+        raise_file_limit()
         # Load the model once, now, if the index says which one; otherwise on the
         # first search after an index appears.
         try:
@@ -133,6 +154,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             yield
         finally:
             svc.close()
+            app.state.gate.close()
+            app.state.health.close()
 
     app = FastAPI(
         title="ImageFinder",
@@ -142,10 +165,12 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     )
     if service is not None:
         app.state.service = service
+    app.state.gate = Gate(settings.max_concurrency, settings.max_queue)
+    app.state.health = HealthCheck()
 
     @app.exception_handler(ImageFinderError)
     async def _known_error(request: Request, exc: ImageFinderError) -> JSONResponse:
-        return error_for(exc)
+        return error_for(exc, settings)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -165,6 +190,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal error; see the server log")
 
+    app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(writes.router)
     browse.install(app)

@@ -12,7 +12,9 @@ from ..errors import EmptyUpload, TooLarge
 from ..service import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI runs a plain-def dependency in the thread pool, which a flood of
+    # requests can fill; this must never wait behind one (/health depends on it).
     service: Service = request.app.state.service
     return service
 

@@ -1,16 +1,16 @@
-"""Searching: upload an image, get its nearest catalogue images; and the health check."""
+"""Searching: upload an image, get its nearest catalogue images (through the gate)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from .deps import ServiceDep, read_upload
-from .schemas import UPLOAD_ERRORS, Health, SearchResponse
+from .gate import GatedRoute, gate_of
+from .schemas import UPLOAD_ERRORS, SearchResponse
 
-router = APIRouter()
+router = APIRouter(route_class=GatedRoute)
 
 
 @router.post(
@@ -20,15 +20,10 @@ router = APIRouter()
     summary="The k catalogue images nearest to an uploaded image",
 )
 async def similarity_search(
+    request: Request,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
     k: Annotated[int, Form(ge=1, le=100, description="How many neighbours")] = 3,
 ) -> dict[str, Any]:
     data = await read_upload(file, service)
-    results = await run_in_threadpool(service.search_bytes, data, k)
-    return service.response(results)
-
-
-@router.get("/health", response_model=Health, summary="Status, model and vector count")
-async def health(service: ServiceDep) -> dict[str, Any]:
-    return await run_in_threadpool(service.health)
+    return await gate_of(request).run(lambda: service.response(service.search_bytes(data, k)))

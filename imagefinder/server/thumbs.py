@@ -57,6 +57,12 @@ def version_of(image_id: str, state: FileState) -> Version:
     return Version(id_key, hashlib.sha256(stamp.encode()).hexdigest()[:20])
 
 
+def cached(cache: Path, version: Version) -> Path | None:
+    """The thumbnail for ``version`` if it was made already."""
+    target = cache / version.filename
+    return target if target.is_file() else None
+
+
 def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int) -> Path:
     """The cached thumbnail for ``version``, made from ``source`` if not there yet.
 

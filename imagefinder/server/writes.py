@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import hmac
 import threading
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Security, UploadFile
-from fastapi.concurrency import run_in_threadpool
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from starlette.responses import Response
 
 from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
@@ -33,6 +29,7 @@ from ..images import probe, sniff
 from ..service import Service
 from ..store import Item
 from .deps import ServiceDep, read_upload
+from .gate import GatedRoute, gate_of
 from .schemas import AUTH_ERRORS, ImageDeleted, ImageWritten, errors
 
 # Placing a file and upserting its row happen under one lock, so two uploads of one
@@ -57,18 +54,13 @@ def check_token(request: Request) -> None:
         raise Unauthorized("wrong bearer token")
 
 
-class TokenFirstRoute(APIRoute):
-    """Checks the token before FastAPI reads the body: an anonymous client cannot
-    make the server receive and parse an upload only to be refused afterwards."""
+class TokenFirstRoute(GatedRoute):
+    """Checks the token before taking a place in the gate and before FastAPI reads the
+    body: an anonymous client cannot make the server receive and parse an upload only
+    to be refused afterwards, nor hold a place another client could use."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            check_token(request)
-            return await handler(request)
-
-        return guarded
+    def before_admission(self, request: Request) -> None:
+        check_token(request)
 
 
 # Security(...) only documents the scheme in OpenAPI; TokenFirstRoute does the check.
@@ -125,6 +117,7 @@ def remove_image(service: Service, image_id: str) -> ImageDeleted:
     summary="Add an image to the index, or replace the one with the same id",
 )
 async def post_image(
+    request: Request,
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
     image_id: Annotated[
@@ -132,7 +125,7 @@ async def post_image(
     ],
 ) -> ImageWritten:
     data = await read_upload(file, service)
-    return await run_in_threadpool(add_image, service, image_id, data)
+    return await gate_of(request).run(add_image, service, image_id, data)
 
 
 @router.delete(
@@ -141,5 +134,5 @@ async def post_image(
     responses={**AUTH_ERRORS, **errors(_404="Unknown id")},
     summary="Remove an image from the index",
 )
-async def delete_image(service: ServiceDep, image_id: str) -> ImageDeleted:
-    return await run_in_threadpool(remove_image, service, image_id)
+async def delete_image(request: Request, service: ServiceDep, image_id: str) -> ImageDeleted:
+    return await gate_of(request).run(remove_image, service, image_id)

@@ -15,8 +15,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -202,13 +203,65 @@ def is_postgres(location: str) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
+# Query parameters of a libpq URL that are secrets, or paths to them.
+SECRET_PARAMS = frozenset(
+    {
+        "password",
+        "sslpassword",
+        "passfile",
+        "sslkey",
+        "sslcert",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "service",
+        "servicefile",
+        "krbsrvname",
+        "gsslib",
+    }
+)
+MASK = "***"
+
+
+def _secret_param(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_PARAMS or any(w in name for w in ("pass", "secret", "token", "key"))
+
+
 def display_location(location: str) -> str:
-    """``location`` safe to print: a PostgreSQL URL loses its password."""
+    """``location`` safe to print or log: a PostgreSQL URL keeps its user, host and
+    database, but its password and every secret query parameter (``password``,
+    ``sslpassword``, ``passfile``, ``sslkey``...) become ``***``."""
     text = str(location)
     if not is_postgres(text):
         return text
-    parts = urlsplit(text)
-    if parts.password:
+    try:
+        parts = urlsplit(text)
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
-    return urlunsplit(parts)
+        if "@" in parts.netloc:
+            user = parts.netloc.rpartition("@")[0].partition(":")[0]
+            password = ":" + MASK if ":" in parts.netloc.rpartition("@")[0] else ""
+            host = f"{user}{password}@{host}"
+        query = "&".join(
+            f"{name}={MASK}" if _secret_param(unquote(name)) else f"{name}={value}"
+            for name, _, value in (p.partition("=") for p in parts.query.split("&") if p)
+        )
+        return urlunsplit(parts._replace(netloc=host, query=query))
+    except ValueError:  # not even a URL: show nothing of it
+        return "postgresql://" + MASK
+
+
+def public_location(location: str) -> str:
+    """``location`` as an anonymous client may see it: a SQLite index by its file name,
+    a PostgreSQL one as ``postgresql://host:port/database`` (no user, no parameters: a
+    ``host=`` parameter may be a socket folder)."""
+    text = str(location)
+    if not is_postgres(text):
+        return PurePath(text).name or text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    except ValueError:
+        return "postgresql://" + MASK
