@@ -23,7 +23,12 @@ import sys
 
 import torch
 
-from imagefinder.model.registry import ModelSpec, register
+if __name__ == "__main__":
+    # Run as a script, this file's folder (tests/) is first on sys.path: put the project
+    # the command runs in before any installed copy, as `python -m` would.
+    sys.path.insert(0, os.getcwd())
+
+from imagefinder.model.registry import ModelSpec, register  # noqa: E402
 
 NAME = "fake-colour"
 DIM = 128

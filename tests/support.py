@@ -83,6 +83,8 @@ class LiveServer:
         port: int | None = None,
         workers: int = 1,
         fake_model: bool = False,
+        log: Path | None = None,
+        command: list[str] | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -104,7 +106,11 @@ class LiveServer:
         ]
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+        if command is not None:  # another way to start it (``python -m imagefinder serve``)
+            cmd = [sys.executable, *launcher, *command, "--port", str(self.port)]
+        # The server's log goes to a file the test can read, never to an unread pipe.
+        self.log = open(log, "ab") if log else None  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=self.log)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -129,6 +135,8 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.log:
+            self.log.close()
 
     def __enter__(self) -> LiveServer:
         return self
