@@ -24,9 +24,10 @@ from ..config import Settings
 from ..errors import Busy, ImageFinderError, ModelUnavailable, StoreError
 from ..redact import redact
 from ..service import Service
-from . import browse, health, search, writes
+from . import browse, docs, health, search, writes
 from .deps import error_response
 from .gate import Gate
+from .headers import SecurityHeaders
 from .health import HealthCheck
 
 log = logging.getLogger("imagefinder")
@@ -162,6 +163,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         version=__version__,
         description="Find the catalogue images that look most like an uploaded photo.",
         lifespan=lifespan,
+        docs_url=None,  # docs.install: offline assets, no inline script
+        redoc_url=None,
     )
     if service is not None:
         app.state.service = service
@@ -194,6 +197,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.include_router(search.router)
     app.include_router(writes.router)
     browse.install(app)
+    docs.install(app)
 
     if settings.cors_origins:
         app.add_middleware(
@@ -203,4 +207,5 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + BODY_SLACK)
+    app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     return app
