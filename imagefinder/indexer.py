@@ -40,6 +40,8 @@ class Summary:
     skipped: int = 0
     pruned: int = 0
     missing: int = 0
+    # Rows another writer (the API) changed while this run worked on them: left as they are.
+    kept: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -50,6 +52,8 @@ class Summary:
         ]
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
+        if self.kept:
+            parts.append(f"{self.kept} changed by another writer meanwhile (kept)")
         return ", ".join(parts)
 
 
@@ -210,11 +214,17 @@ def index_folder(
         if not batch:
             return
         vectors = embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
-        store.upsert(
-            Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
-            for (c, digest, _), v in zip(batch, vectors, strict=True)
+        # Conditional on each row being as the scan saw it: an image the API replaced or
+        # deleted meanwhile is newer than this run's view, and wins.
+        written = store.upsert(
+            (
+                Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
+                for (c, digest, _), v in zip(batch, vectors, strict=True)
+            ),
+            expected={c.id: known.get(c.id) for c, _, _ in batch},
         )
-        summary.indexed += len(batch)
+        summary.indexed += written
+        summary.kept += len(batch) - written
         if on_progress:
             on_progress(len(batch))
         batch.clear()
@@ -234,8 +244,10 @@ def index_folder(
                 if on_progress:
                     on_progress(1)
             elif tensor is None:  # same content, new path or mtime
-                store.touch(c.id, str(c.path), c.size, c.mtime_ns)
-                summary.unchanged += 1
+                if store.touch(c.id, str(c.path), c.size, c.mtime_ns, expected=known[c.id]):
+                    summary.unchanged += 1
+                else:
+                    summary.kept += 1
                 if on_progress:
                     on_progress(1)
             else:
@@ -250,7 +262,9 @@ def index_folder(
         i for i, s in known.items() if (select is None or select(i)) and not Path(s.path).exists()
     ]
     if prune and gone:
-        summary.pruned = store.delete(gone)
+        # Only rows still as scanned: one the API replaced meanwhile points at a new file.
+        summary.pruned = store.delete(gone, expected={i: known[i] for i in gone})
+        summary.kept += len(gone) - summary.pruned
     else:
         summary.missing = len(gone)
     store.end_bulk()

@@ -37,11 +37,19 @@ class Gate:
     def __init__(self, slots: int, queue: int):
         self.slots = max(1, slots)
         self.queue = max(0, queue)
-        self._executor = ThreadPoolExecutor(self.slots, thread_name_prefix="gate")
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._admitted = 0
         self._running = 0
         self._seconds = 1.0  # a moving average of one job's duration
+
+    @property
+    def _executor(self) -> ThreadPoolExecutor:
+        # Made on first use, and again after close(): an app may run its lifespan twice.
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.slots, thread_name_prefix="gate")
+            return self._pool
 
     @property
     def admitted(self) -> int:
@@ -94,7 +102,10 @@ class Gate:
             return self._executor.submit(self._job, fn, *args).result()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def gate_of(request: Request) -> Gate:

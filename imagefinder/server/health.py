@@ -25,7 +25,7 @@ router = APIRouter()
 
 class HealthCheck:
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="health")
+        self._pool: ThreadPoolExecutor | None = None
         self._answer: dict[str, Any] | None = None
         self._at = 0.0
         self._pending: asyncio.Future[dict[str, Any]] | None = None
@@ -34,8 +34,10 @@ class HealthCheck:
         if self._answer is not None and time.monotonic() - self._at < TTL:
             return self._answer
         if self._pending is None or self._pending.done():
+            if self._pool is None:  # made on first use, and again after close()
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="health")
             loop = asyncio.get_running_loop()
-            self._pending = asyncio.ensure_future(loop.run_in_executor(self._executor, compute))
+            self._pending = asyncio.ensure_future(loop.run_in_executor(self._pool, compute))
         pending = self._pending
         answer = await asyncio.shield(pending)
         if pending is self._pending:
@@ -43,7 +45,10 @@ class HealthCheck:
         return answer
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        pool, self._pool = self._pool, None
+        self._pending, self._answer = None, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @router.get("/health", response_model=Health, summary="Status, model and vector count")

@@ -14,7 +14,6 @@ picked up by the next ``extract`` over that folder.
 from __future__ import annotations
 
 import hmac
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -31,10 +30,6 @@ from ..store import Item
 from .deps import ServiceDep, read_upload
 from .gate import GatedRoute, gate_of
 from .schemas import AUTH_ERRORS, ImageDeleted, ImageWritten, errors
-
-# Placing a file and upserting its row happen under one lock, so two uploads of one
-# id cannot interleave (one's twin-removal deleting the other's file).
-_write_lock = threading.Lock()
 
 
 def check_token(request: Request) -> None:
@@ -82,7 +77,10 @@ def add_image(service: Service, image_id: str, data: bytes) -> ImageWritten:
     embedder = service.ensure_index()
     vector = service.embed_upload(data, embedder)  # decodes fully: a bad file stops here
     folder = Path(service.settings.images_dir)
-    with _write_lock:
+    # Placing the file and upserting its row happen under the store's write lock for this
+    # id, which every thread, worker process (and, on PostgreSQL, machine) shares: two
+    # uploads of one id never interleave (one's twin-removal deleting the other's file).
+    with service.store.write_lock(image_id):
         replaced = service.store.path_of(image_id) is not None
         path = save_bytes(folder, image_id, fmt, data).resolve()
         st = path.stat()
@@ -96,8 +94,10 @@ def remove_image(service: Service, image_id: str) -> ImageDeleted:
 
     Files elsewhere (a folder indexed in place) belong to the user and are left alone.
     """
-    with _write_lock:
-        path = service.store.path_of(image_id) if service.store.meta() else None
+    if not service.store.meta():  # no index: nothing to delete, and nothing to create
+        raise unknown_id(image_id)
+    with service.store.write_lock(image_id):
+        path = service.store.path_of(image_id)
         if path is None:
             raise unknown_id(image_id)
         service.store.delete([image_id])

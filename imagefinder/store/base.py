@@ -11,11 +11,13 @@ schema change is one migration appended to the store's ``migrations``, nothing e
 
 from __future__ import annotations
 
+import fcntl
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -34,6 +36,15 @@ class FileState:
     sha256: str
     size: int
     mtime_ns: int
+
+
+# What a compare-and-set write expects to find: id -> its row's state, None for no row.
+Expected = Mapping[str, "FileState | None"]
+
+
+def state_matches(current: FileState | None, expected: Expected, image_id: str) -> bool:
+    """Whether a row (None: no row) is what ``expected`` says ``image_id``'s should be."""
+    return current == expected.get(image_id)
 
 
 @dataclass(frozen=True)
@@ -116,16 +127,48 @@ class Store(ABC):
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
         """The ``fetch`` nearest (id, L2 distance), nearest first."""
 
-    @abstractmethod
-    def upsert(self, items: Iterable[Item]) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many."""
+    # Writes take an optional ``expected``: {id: the FileState read earlier, or None for
+    # "no row"}. Then each row is written only if it is still in that state, checked
+    # inside the write transaction (compare-and-set): a long run (extract) never
+    # overwrites, resurrects or deletes what another writer changed since it looked.
 
     @abstractmethod
-    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
-        """Record a new path/mtime for a file whose content did not change."""
+    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many were written."""
 
     @abstractmethod
-    def delete(self, ids: Iterable[str]) -> int: ...
+    def touch(
+        self,
+        image_id: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        expected: FileState | None = None,
+    ) -> bool:
+        """Record a new path/mtime for a file whose content did not change (only if the row
+        is still ``expected``, when given). True if it was written."""
+
+    @abstractmethod
+    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
+        """Delete ``ids`` (with ``expected``: only rows still in that state). Returns how many."""
+
+    @contextmanager
+    def write_lock(self, key: str) -> Iterator[None]:
+        """Serialise writers of ``key`` across threads and processes (the API's writes:
+        placing a file and upserting its row). A file lock beside the index by default;
+        a store shared between machines overrides it with a lock in the database."""
+        lock_path = self.lock_file()
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh open file per holder: flock() then also excludes threads of this process.
+        with open(lock_path, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def lock_file(self) -> Path:
+        raise NotImplementedError
 
     def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
         """``expected`` rows are about to be written: a store may drop its ANN index."""
