@@ -39,10 +39,10 @@ _RAW = _BINS**3 + 3 * _GRID * _GRID
 
 
 class ColourFeatures(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(SEED)
-        projection = torch.randn(_RAW, DIM, generator=generator) / _RAW**0.5
+        projection = torch.randn(_RAW, dim, generator=generator) / _RAW**0.5
         self.register_buffer("projection", projection)
         self.register_buffer("mean", torch.tensor(SPEC.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(SPEC.std).view(1, 3, 1, 1))
@@ -65,6 +65,20 @@ def build(weights: str | None) -> tuple[torch.nn.Module, str]:
 
 
 SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
+
+# A second fake model of another dimension: for tests of two models meeting one index.
+OTHER = "fake-colour-64"
+OTHER_DIM = 64
+register(
+    ModelSpec(
+        OTHER,
+        OTHER_DIM,
+        32,
+        SPEC.mean,
+        SPEC.std,
+        lambda weights: (ColourFeatures(OTHER_DIM), f"seed-{SEED}-64"),
+    )
+)
 
 
 def command(*args: str) -> list[str]:

@@ -284,9 +284,10 @@ def test_the_api_docs_render_offline_under_the_content_security_policy(
     page.on("console", lambda m: console.append(m.text))
     page.on("pageerror", lambda e: console.append(str(e)))
     response = page.goto(server.url + path)
-    assert response is not None and "frame-ancestors 'none'" in response.headers[
-        "content-security-policy"
-    ]
+    assert (
+        response is not None
+        and "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    )
     page.wait_for_function(f"!!({rendered})")
     text = page.inner_text("body")
     assert "/similarity-search" in text and "ImageFinder" in text
