@@ -51,6 +51,19 @@ if TYPE_CHECKING:
     help="Seconds to wait for a server before retrying.",
 )
 @click.option(
+    "--deadline",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds one file may take in all: attempts, retries and a slow server.",
+)
+@click.option(
+    "--allow-private",
+    is_flag=True,
+    help="Also download from loopback, private and link-local addresses (refused by "
+    "default: a catalogue URL must not reach this machine's or this network's services).",
+)
+@click.option(
     "--retries",
     default=3,
     show_default=True,
@@ -70,11 +83,13 @@ def download(
     manifest: str | None,
     workers: int,
     timeout: float,
+    deadline: float,
+    allow_private: bool,
     retries: int,
     max_mb: int,
 ) -> None:
     """Download every image listed in a CSV of `url,id` rows."""
-    from ..catalog import read_catalog
+    from ..catalog import printable, read_catalog
     from ..download import Downloader, DownloadOptions, write_manifest
 
     if not Path(csv_file).is_file():
@@ -87,18 +102,23 @@ def download(
         max_bytes=max_mb * 1024 * 1024,
         max_pixels=settings.max_pixels,
         workers=workers,
+        deadline=deadline,
+        allow_private=allow_private,
     )
+    # Ids, urls and reasons come from the CSV and from servers: printed with their
+    # control characters escaped, so no escape sequence reaches the terminal.
+    bad_lines = set()
     for row in rows:
         if row.problem:
-            click.echo(f"skipping {csv_file}:{row.line}: {row.problem}", err=True)
+            bad_lines.add(row.line)
+            click.echo(printable(f"skipping {csv_file}:{row.line}: {row.problem}"), err=True)
     downloader = Downloader(output_dir, options)
     with click.progressbar(length=len(rows), label="Downloading", file=sys.stderr) as bar:
 
         def done(outcome: Outcome) -> None:
-            if outcome.status == "failed" and not any(
-                r.line == outcome.line and r.problem for r in rows
-            ):
-                click.echo(f"\nskipping {outcome.id} ({outcome.url}): {outcome.reason}", err=True)
+            if outcome.status == "failed" and outcome.line not in bad_lines:
+                line = f"skipping {outcome.id} ({outcome.url}): {outcome.reason}"
+                click.echo("\n" + printable(line), err=True)
             bar.update(1)
 
         outcomes = downloader.run(rows, on_done=done)
@@ -172,6 +192,7 @@ def extract(
     shard: str | None,
 ) -> None:
     """Embed every image in a folder into the index, incrementally."""
+    from ..catalog import printable
     from ..indexer import calibration_sample, in_shard, index_folder
     from ..service import Service
 
@@ -200,7 +221,9 @@ def extract(
         select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
         on_total=on_total,
         on_progress=bar.update,
-        on_skip=lambda path, reason: click.echo(f"\nskipping {path}: {reason}", err=True),
+        on_skip=lambda path, reason: click.echo(
+            "\n" + printable(f"skipping {path}: {reason}"), err=True
+        ),
     )
     bar.render_finish()
     total = store.count()
