@@ -36,6 +36,8 @@ class Settings:
     # decodes), and how many more may wait for a slot before the server answers 503 busy.
     max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_queue: int = field(default_factory=lambda: 4 * (os.cpu_count() or 1))
+    # Seconds an upload body may take before it must average 10 KB/s (then 408).
+    body_timeout: int = 10
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default
@@ -47,7 +49,12 @@ class Settings:
     thumbs_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name, least in (("max_pixels", 1), ("max_concurrency", 1), ("max_queue", 0)):
+        for name, least in (
+            ("max_pixels", 1),
+            ("max_concurrency", 1),
+            ("max_queue", 0),
+            ("body_timeout", 1),
+        ):
             if getattr(self, name) < least:
                 raise ConfigError(
                     f"{PREFIX}{name.upper()}={getattr(self, name)} must be at least {least}"

@@ -85,6 +85,7 @@ class LiveServer:
         fake_model: bool = False,
         log: Path | None = None,
         command: list[str] | None = None,
+        open_files: int | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -110,7 +111,20 @@ class LiveServer:
             cmd = [sys.executable, *launcher, *command, "--port", str(self.port)]
         # The server's log goes to a file the test can read, never to an unread pipe.
         self.log = open(log, "ab") if log else None  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self.log, stderr=self.log)
+
+        def limit_open_files() -> None:  # in the child, before it runs
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=self.log,
+            preexec_fn=limit_open_files if open_files else None,
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:

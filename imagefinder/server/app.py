@@ -7,9 +7,12 @@ Every error, including FastAPI's own validation errors, leaves in one shape:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -34,6 +37,9 @@ log = logging.getLogger("imagefinder")
 
 # Multipart framing and the small form fields ride on top of the file itself.
 BODY_SLACK = 64 * 1024
+# After IMAGEFINDER_BODY_TIMEOUT seconds a body must average this many bytes a second:
+# a 20 MB upload may take half an hour, a dripping client is cut off.
+BODY_MIN_RATE = 10_000
 
 # Every error code the package raises, and the HTTP status it answers with.
 STATUS = {
@@ -57,6 +63,7 @@ STATUS = {
     "model_unavailable": 503,
     "invalid_setting": 503,
     "busy": 503,
+    "request_timeout": 408,
 }
 
 
@@ -76,12 +83,22 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodySizeLimit:
-    """Refuse bodies over the cap while they stream in, never buffering them whole."""
+class _BodyTooSlow(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+class BodyLimits:
+    """Refuse bodies over the cap while they stream in, never buffering them whole, and
+    bodies that arrive too slowly: after ``grace`` seconds a body must keep an average of
+    ``min_rate`` bytes a second (a client dripping a byte a second would otherwise hold
+    its connection, and a place in the queue, for ever). A response sent before the body
+    is complete closes the connection, so the rest is never waited for."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, grace: float, min_rate: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.grace = grace
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,35 +107,73 @@ class BodySizeLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, "too_large", self._message())(scope, receive, send)
+            await _closing(error_response(413, "too_large", self._message()), scope, send)
             return
         seen = 0
-        too_large = started = False
+        started_at = time.monotonic()
+        body_done = not (declared.isdigit() and int(declared) > 0) and (
+            b"chunked" not in headers.get(b"transfer-encoding", b"")
+        )
+        failure: type[Exception] | None = None
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen, too_large
-            message = await receive()
+            nonlocal seen, failure, body_done
+            if body_done:  # the body is in: what follows is a wait for the disconnect
+                return await receive()
+            allowed = started_at + self.grace + seen / self.min_rate - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.01, allowed))
+            except TimeoutError:
+                failure = _BodyTooSlow
+                raise _BodyTooSlow from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if seen > self.max_bytes:
-                    too_large = True
+                    failure = _BodyTooLarge
                     raise _BodyTooLarge
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if too_large:
+            if failure is not None:
                 return  # whatever the app makes of the aborted body, ours is the answer
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if not body_done:  # answered early: do not wait for the rest of the body
+                    message = {**message, "headers": [*message["headers"], CLOSE]}
             await send(message)
 
-        with suppress(_BodyTooLarge):
+        with suppress(_BodyTooLarge, _BodyTooSlow):
             await self.app(scope, limited_receive, guarded_send)
-        if too_large and not started:
-            await error_response(413, "too_large", self._message())(scope, receive, send)
+        if failure is not None and not started:
+            if failure is _BodyTooLarge:
+                answer = error_response(413, "too_large", self._message())
+            else:
+                answer = error_response(
+                    408,
+                    "request_timeout",
+                    f"the request body arrived too slowly (under {self.min_rate:,.0f} bytes "
+                    f"a second after {self.grace:g} s)",
+                )
+            await _closing(answer, scope, send)
 
     def _message(self) -> str:
         return f"request body over the limit of {self.max_bytes - BODY_SLACK:,} bytes"
+
+
+CLOSE = (b"connection", b"close")
+
+
+async def _closing(response: JSONResponse, scope: Scope, send: Send) -> None:
+    """Send ``response`` and close the connection (its request body is not read)."""
+    response.headers["Connection"] = "close"
+
+    async def no_body() -> Message:
+        return {"type": "http.disconnect"}
+
+    await response(scope, no_body, send)
 
 
 def raise_file_limit() -> None:
@@ -135,6 +190,27 @@ def raise_file_limit() -> None:
         pass
 
 
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log asyncio's "accept() out of system resource" once a minute, not once per retry:
+    at the open-file limit it logged a million lines in seconds."""
+    previous = loop.get_exception_handler()
+    last = [-60.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "out of system resource" in str(context.get("message", "")):
+            if time.monotonic() - last[0] < 60:
+                return
+            last[0] = time.monotonic()
+            log.error("out of open files: new connections wait (%s)", context.get("exception"))
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     settings = settings or (service.settings if service else Settings.from_env())
 
@@ -143,6 +219,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         svc = service or Service(settings)
         app.state.service = svc
         raise_file_limit()
+        quiet_accept_errors(asyncio.get_running_loop())
         # Load the model once, now, if the index says which one; otherwise on the
         # first search after an index appears.
         try:
@@ -206,6 +283,11 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + BODY_SLACK)
+    app.add_middleware(
+        BodyLimits,
+        max_bytes=settings.max_upload_bytes + BODY_SLACK,
+        grace=settings.body_timeout,
+        min_rate=BODY_MIN_RATE,
+    )
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     return app
