@@ -36,6 +36,9 @@ class Settings:
     # decodes), and how many more may wait for a slot before the server answers 503 busy.
     max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_queue: int = field(default_factory=lambda: 4 * (os.cpu_count() or 1))
+    # Worker processes that decode uploads for the server (0: decode in the server's own
+    # process); by default one per decoding slot.
+    decode_processes: int | None = None
     # Seconds an upload body may take before it must average 10 KB/s (then 408).
     body_timeout: int = 10
     api_token: str | None = None
@@ -49,11 +52,14 @@ class Settings:
     thumbs_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.decode_processes is None:
+            object.__setattr__(self, "decode_processes", self.max_concurrency)
         for name, least in (
             ("max_pixels", 1),
             ("max_concurrency", 1),
             ("max_queue", 0),
             ("body_timeout", 1),
+            ("decode_processes", 0),
         ):
             if getattr(self, name) < least:
                 raise ConfigError(

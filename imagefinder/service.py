@@ -9,13 +9,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
+from . import images
 from .config import Settings
 from .errors import IndexNotReady, StoreError, unknown_id
-from .images import load_rgb
 from .model.embedder import Embedder, load_embedder
 from .redact import redact
 from .store import Store, display_location, open_store, public_location
@@ -37,6 +38,15 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
     return recorded
 
 
+class Decoder(Protocol):
+    """Where pictures are decoded: ``images`` itself (in this process), or the server's
+    worker processes (``server/decoders.py``)."""
+
+    def load_rgb(self, source: Any, max_pixels: int, min_side: int | None = None) -> PILImage: ...
+
+    def probe(self, source: Any, max_pixels: int) -> str: ...
+
+
 class Service:
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
@@ -44,6 +54,7 @@ class Service:
             settings.db, ef_search=settings.ef_search, exact=settings.exact
         )
         self.embedder: Embedder | None = None
+        self.decoder: Decoder = images
         self._load_lock = threading.Lock()
 
     def close(self) -> None:
@@ -135,7 +146,7 @@ class Service:
     def embed_upload(self, data: bytes, embedder: Embedder | None = None) -> np.ndarray:
         """Bytes of any supported image -> one vector. Raises ImageError."""
         embedder = embedder or self.ready()[0]
-        img = load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
+        img = self.decoder.load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
         return embedder.embed_tensors(embedder.preprocess(img)[None])[0]
 
     def search_bytes(self, data: bytes, k: int) -> list[tuple[str, float]]:

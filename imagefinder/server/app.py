@@ -22,12 +22,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__
+from .. import __version__, images
 from ..config import Settings
 from ..errors import Busy, ImageFinderError, ModelUnavailable, StoreError
 from ..redact import redact
 from ..service import Service
 from . import browse, docs, health, search, writes
+from .decoders import Decoders
 from .deps import error_response
 from .gate import Gate
 from .headers import SecurityHeaders
@@ -218,6 +219,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service or Service(settings)
         app.state.service = svc
+        if settings.decode_processes:
+            svc.decoder = decoders = Decoders(settings.decode_processes)
         raise_file_limit()
         quiet_accept_errors(asyncio.get_running_loop())
         # Load the model once, now, if the index says which one; otherwise on the
@@ -232,6 +235,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             yield
         finally:
             svc.close()
+            if settings.decode_processes:
+                decoders.close()
+                svc.decoder = images
             app.state.gate.close()
             app.state.health.close()
 

@@ -108,7 +108,12 @@ async def get_thumbnail(service: ServiceDep, image_id: str, request: Request) ->
         try:
             with gate.admit():
                 path = await gate.run(
-                    thumbs.thumbnail, folder, version, state.path, service.settings.max_pixels
+                    thumbs.thumbnail,
+                    folder,
+                    version,
+                    state.path,
+                    service.settings.max_pixels,
+                    service.decoder.load_rgb,
                 )
         except (ImageError, OSError):
             raise gone(service, image_id) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,13 @@ def cached(cache: Path, version: Version) -> Path | None:
     return target if target.is_file() else None
 
 
-def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int) -> Path:
+def thumbnail(
+    cache: Path,
+    version: Version,
+    source: str | Path,
+    max_pixels: int,
+    decode: Callable[..., Image.Image] = load_rgb,
+) -> Path:
     """The cached thumbnail for ``version``, made from ``source`` if not there yet.
 
     Raises ImageError if ``source`` no longer decodes, OSError if it cannot be read.
@@ -71,7 +78,7 @@ def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int
     target = cache / version.filename
     if target.is_file():
         return target
-    img = load_rgb(source, max_pixels, min_side=SIDE)
+    img = decode(source, max_pixels, min_side=SIDE)
     img.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename: concurrent requests for one image never see half a file.

@@ -24,7 +24,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
 from ..files import save_bytes, sha256_file
-from ..images import probe, sniff
+from ..images import sniff
 from ..service import Service
 from ..store import Item
 from .deps import ServiceDep, read_upload
@@ -73,7 +73,10 @@ def add_image(service: Service, image_id: str, data: bytes) -> ImageWritten:
         raise InvalidRequest(problem, code="invalid_id")
     # The first write creates the index, so decode fully first: a broken file must not
     # leave an empty index behind. Later writes decode once, while embedding.
-    fmt = sniff(data) if service.store.meta() else probe(data, service.settings.max_pixels)
+    if service.store.meta():
+        fmt = sniff(data)
+    else:
+        fmt = service.decoder.probe(data, service.settings.max_pixels)
     embedder = service.ensure_index()
     vector = service.embed_upload(data, embedder)  # decodes fully: a bad file stops here
     folder = Path(service.settings.images_dir)
