@@ -23,6 +23,7 @@ is missed. Loopback only; bounded in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -82,10 +83,8 @@ def status(pid: int, key: str) -> float:
 
 def reset_peaks(pid: int) -> None:
     for proc in tree(pid):
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-        except (FileNotFoundError, ProcessLookupError):
-            pass
 
 
 def cpu_seconds(pid: int) -> float:
