@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: venv run demo test lint format bench bench-stores loadtest clean
+.PHONY: venv run demo test lint format bench bench-stores loadtest hostile clean
 
 $(BIN)/imagefinder: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,12 +18,12 @@ venv: $(BIN)/imagefinder
 run: venv
 	-$(BIN)/python download_images.py --csv_file data/images.csv
 	$(BIN)/python extract_image_features.py --folder data/images
-	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+	$(BIN)/python -m imagefinder serve --host 127.0.0.1 --port $(PORT)
 
 ## Offline demo: the sample photos in assets/demo with efficientnet-lite0.
 demo: venv
 	$(BIN)/python extract_image_features.py --folder assets/demo --db data/demo.db --model efficientnet-lite0
-	IMAGEFINDER_DB=data/demo.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+	IMAGEFINDER_DB=data/demo.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/python -m imagefinder serve --host 127.0.0.1 --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -49,6 +49,11 @@ bench-stores: venv
 ## 60 s, 8 clients against a live server; writes bench/results/loadtest.{json,md}.
 loadtest: venv
 	$(BIN)/python bench/loadtest.py
+
+## Hostile uploads, idle sockets, 100k failing rows against a live server (~5 min);
+## python bench/hostile.py --commit writes bench/results/hostile.{json,md}.
+hostile: venv
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -44,8 +44,8 @@ def info(db: str | None, as_json: bool) -> None:
     meta = store.meta()
     if not meta:
         raise click.ClickException(
-            f"{settings.db} is not an index yet; build one with: "
-            f"imagefinder extract --folder DIR --db {settings.db}"
+            f"{store.location} is not an index yet; build one with: "
+            f"imagefinder extract --folder DIR --db {store.location}"
         )
     data = {"index": store.location, "vectors": store.count(), **meta}
     if as_json:
