@@ -147,6 +147,10 @@ class Downloader:
 
         if row.problem:
             return out("failed", row.problem)
+        try:  # an address written in the URL is refused before anything else
+            self.guard.check_literal(urlsplit(row.url).hostname or "")
+        except PrivateAddress as e:
+            return out("failed", str(e))
         current = existing_file(self.output_dir, row.id, self._present)
         if current is not None:
             try:

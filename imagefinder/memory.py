@@ -30,6 +30,24 @@ def _trim_function() -> Any:
     return _libc
 
 
+M_MMAP_THRESHOLD = -3
+
+
+def map_large_blocks(threshold: int = 8 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more from its own mapping, given
+    back to the OS the moment it is freed. glibc otherwise raises this threshold to the
+    size of the last large block freed (up to 32 MB), after which 20 MB upload buffers
+    came from, and stayed in, the heap. Smaller blocks (a forward pass's activations)
+    stay in the heap, where reuse is cheap. True if glibc took the setting."""
+    if not _trim_function():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def release(min_interval: float = 0.0) -> bool:
     """Return free heap memory to the OS. At most once per ``min_interval`` seconds
     (a trim walks every arena: cheap, but not free). True if a trim ran."""

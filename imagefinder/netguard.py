@@ -94,11 +94,13 @@ class _Watchdog:
 
     def watch(self, when: float, download: _Download) -> None:
         with self._cond:
+            sooner = not self._heap or when < self._heap[0][0]
             heapq.heappush(self._heap, (when, id(download), download))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if sooner:  # only a new earliest deadline changes how long the thread sleeps
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:

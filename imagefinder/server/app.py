@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import __version__, images
+from .. import __version__, images, memory
 from ..config import Settings
 from ..errors import Busy, ImageFinderError, ModelUnavailable, StoreError
 from ..redact import redact
@@ -223,6 +223,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             svc.decoder = decoders = Decoders(settings.decode_processes)
         raise_file_limit()
         quiet_accept_errors(asyncio.get_running_loop())
+        memory.map_large_blocks()  # upload buffers go back to the OS when freed
         # Load the model once, now, if the index says which one; otherwise on the
         # first search after an index appears.
         try:

@@ -24,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from .. import memory
 from ..errors import NotAnImage
 from ..images import load_rgb, probe
 
@@ -31,12 +32,20 @@ TASKS_PER_WORKER = 200
 
 
 def _load(source: bytes | str, max_pixels: int, min_side: int | None) -> tuple[str, Any, bytes]:
-    img = load_rgb(source, max_pixels, min_side)
-    return img.mode, img.size, img.tobytes()
+    try:
+        img = load_rgb(source, max_pixels, min_side)
+        return img.mode, img.size, img.tobytes()
+    finally:
+        del source
+        memory.release()  # an idle worker keeps nothing it does not need
 
 
 def _probe(source: bytes | str, max_pixels: int) -> str:
-    return probe(source, max_pixels)
+    try:
+        return probe(source, max_pixels)
+    finally:
+        del source
+        memory.release()
 
 
 class Decoders:
