@@ -2,7 +2,7 @@
 
 It runs on a thread of its own, not in the pool that uploads, browsing and writes use
 (a flood of requests cannot queue it), and concurrent callers within ``TTL`` seconds
-share one answer, so a load balancer polling hard costs one index read a second.
+share one answer, so a load balancer polling hard costs two index reads a second.
 """
 
 from __future__ import annotations
