@@ -11,18 +11,18 @@ from ..errors import ModelUnavailable
 from .weights import file_weights_id, load_state_dict, torchvision_state_dict
 
 
-def _torchvision(model: torch.nn.Module, weights: str, enums: Any, label: str) -> str:
-    """Load ``weights`` (a torchvision weights name, or a file) into ``model``; returns
-    the weights' identity for the index meta."""
-    if weights in enums.__members__:
-        state, weights_id = torchvision_state_dict(enums[weights], label), weights
+def _torchvision(model: torch.nn.Module, weights: str, named: dict[str, Any], label: str) -> str:
+    """Load ``weights`` (a torchvision weights name in ``named``, or a file) into
+    ``model``; returns the weights' identity for the index meta."""
+    if weights in named:
+        state, weights_id = torchvision_state_dict(named[weights], label), weights
     else:
         state, weights_id = load_state_dict(weights), file_weights_id(weights)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelUnavailable(f"{weights} is not a {label} state dict: {first}") from e
+        detail = " ".join(str(e).split())[:240]
+        raise ModelUnavailable(f"{weights} is not a {label} state dict: {detail}") from e
     return weights_id
 
 
@@ -30,7 +30,8 @@ def build_resnet50(weights: str | None) -> tuple[torch.nn.Module, str]:
     from torchvision.models import ResNet50_Weights, resnet50
 
     model = resnet50(weights=None)
-    weights_id = _torchvision(model, weights or "IMAGENET1K_V1", ResNet50_Weights, "ResNet50")
+    named = dict(ResNet50_Weights.__members__)
+    weights_id = _torchvision(model, weights or "IMAGENET1K_V1", named, "ResNet50")
     model.fc = torch.nn.Identity()  # keep the 2048-d global-average-pool output
     return model, weights_id
 
@@ -52,8 +53,8 @@ def build_vgg16(weights: str | None) -> tuple[torch.nn.Module, str]:
 
     model = vgg16(weights=None)
     # Only V1 is a full classifier: IMAGENET1K_FEATURES has no valid fc layers.
-    enums = type("V1", (), {"__members__": {"IMAGENET1K_V1": VGG16_Weights.IMAGENET1K_V1}})
-    weights_id = _torchvision(model, weights or "IMAGENET1K_V1", enums, "VGG16")
+    named = {"IMAGENET1K_V1": VGG16_Weights.IMAGENET1K_V1}
+    weights_id = _torchvision(model, weights or "IMAGENET1K_V1", named, "VGG16")
     # classifier: fc6, ReLU, Dropout, fc7, ReLU, Dropout, fc8. Keep up to fc7's ReLU.
     model.classifier = model.classifier[:5]
     return model, weights_id
