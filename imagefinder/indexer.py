@@ -52,8 +52,6 @@ class Summary:
         ]
         if self.pruned:
             parts.append(f"{self.pruned} pruned")
-        if self.augmented:
-            parts.append(f"DBA recomputed over {self.augmented}")
         return ", ".join(parts)
 
 

@@ -217,6 +217,8 @@ def extract(
     total = store.count()
     store.close()
     click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
+    if summary.augmented:
+        click.echo(f"DBA: augmented vectors recomputed for {summary.augmented} images", err=True)
     if summary.missing:
         click.echo(
             f"{summary.missing} indexed files no longer exist; run with --prune to remove them",

@@ -214,7 +214,7 @@ function render(results, k) {
   el.results.replaceChildren(...items);
   const of = catalogueSize ? ` of ${catalogueSize.toLocaleString()}` : "";
   el.summary.textContent = results.length
-    ? `The ${results.length} nearest${of} catalogue images, nearest first (distance 0 means identical). Pick one to search with it.`
+    ? `The ${results.length} best matches${of} catalogue images, best first (distance 0 means identical). Pick one to search with it.`
     : "No other images in the catalogue.";
   if (results.length < k && results.length) el.summary.textContent += " (That is all of them.)";
   el.section.hidden = false;
