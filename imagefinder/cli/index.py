@@ -110,10 +110,10 @@ def info(db: str | None, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def evaluate(folder: str, db: str | None, models: tuple[str, ...], k: int, as_json: bool) -> None:
-    """Leave-one-out precision@k and mAP over a labelled folder, for every combination of
-    model, query expansion (αQE) and database-side augmentation (DBA).
+    """Leave-one-out precision@k and mAP for each model, αQE and DBA combination.
 
-    Each image queries all the others through the same search code as the API. αQE and
+    FOLDER has one sub-folder per class. Query expansion (αQE) and database-side
+    augmentation (DBA) are each tried off and on. Each image queries all the others through the same search code as the API. αQE and
     DBA are applied in memory: the index on disk is never changed.
     """
     from ..evaluate import evaluate_models

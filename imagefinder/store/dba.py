@@ -3,10 +3,11 @@
 While an index has DBA on, ``vec_dba`` (a vec0 table keyed by ``images.rowid``) holds
 one ranking vector per image, and searches that ask for it rank by those; the raw
 vectors stay in ``images.embedding`` and ``vec_images`` for exact lookups, distances
-and re-computing. Writers keep the table covering exactly the rows of ``images`` in the
-same transaction (a new or replaced image enters with its raw vector, until
-``augment.refresh`` gives it its neighbourhood); the table exists exactly while the
-meta has ``dba``, and both change in one transaction.
+and re-computing. Triggers keep the table covering exactly the rows of ``images``, in
+the writer's own transaction and whichever ImageFinder writes (an older one included):
+a new or replaced image enters with its raw vector, until ``augment.refresh`` or
+``augment.repair`` gives it its neighbourhood, and a deleted one leaves. The table and
+its triggers exist exactly while the meta has ``dba``; all change in one transaction.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import numpy as np
 
 TABLE = "vec_dba"
 CHUNK = 256  # as vec_images (sqlite.VEC_CHUNK)
+TRIGGERS = {
+    "vec_dba_insert": f"""AFTER INSERT ON images BEGIN
+        INSERT INTO {TABLE} (rowid, embedding) VALUES (new.rowid, new.embedding); END""",
+    "vec_dba_update": f"""AFTER UPDATE OF embedding ON images BEGIN
+        DELETE FROM {TABLE} WHERE rowid = old.rowid;
+        INSERT INTO {TABLE} (rowid, embedding) VALUES (new.rowid, new.embedding); END""",
+    "vec_dba_delete": f"""AFTER DELETE ON images BEGIN
+        DELETE FROM {TABLE} WHERE rowid = old.rowid; END""",
+}
 
 
 def exists(conn: Any) -> bool:
@@ -36,21 +46,14 @@ def create(conn: Any, dim: int) -> None:
         f"embedding float[{dim}] distance_metric=l2, chunk_size={CHUNK})"
     )
     conn.execute(f"INSERT INTO {TABLE} (rowid, embedding) SELECT rowid, embedding FROM images")
+    for name, body in TRIGGERS.items():
+        conn.execute(f"CREATE TRIGGER {name} {body}")
 
 
 def drop(conn: Any) -> None:
+    for name in TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
     conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
-
-
-def mirror(conn: Any, rowid: int, blob: bytes, replacing: bool) -> None:
-    """An upserted image enters with its raw vector (call only while the table exists)."""
-    if replacing:
-        conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (rowid,))
-    conn.execute(f"INSERT INTO {TABLE} (rowid, embedding) VALUES (?, ?)", (rowid, blob))
-
-
-def remove(conn: Any, rowid: int) -> None:
-    conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (rowid,))
 
 
 def write(conn: Any, rows: Iterable[tuple[str, bytes]]) -> int:

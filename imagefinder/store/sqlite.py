@@ -334,7 +334,6 @@ class SQLiteStore(Store):
         now = time.time()
         with self.transaction() as conn:
             mirrored = coarse.exists(conn)
-            augmented = dba.exists(conn)
             for it in items:
                 blob = _blob(it.vector)
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (it.id,)).fetchone()
@@ -357,8 +356,6 @@ class SQLiteStore(Store):
                 )
                 if mirrored:
                     coarse.add(conn, rowid, blob, replacing=row is not None)
-                if augmented:
-                    dba.mirror(conn, rowid, blob, replacing=row is not None)
                 n += 1
             if n:
                 coarse.sync(conn, self.fast_min_rows)
@@ -384,7 +381,6 @@ class SQLiteStore(Store):
         n = 0
         with self.transaction() as conn:
             mirrored = coarse.exists(conn)
-            augmented = dba.exists(conn)
             for image_id in ids:
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
                 if row:
@@ -392,8 +388,6 @@ class SQLiteStore(Store):
                     conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
                     if mirrored:
                         coarse.remove(conn, row[0])
-                    if augmented:
-                        dba.remove(conn, row[0])
                     n += 1
             if n:
                 coarse.sync(conn, self.fast_min_rows)
