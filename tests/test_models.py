@@ -193,3 +193,12 @@ def test_clip_refuses_a_name_that_is_neither_a_file_nor_a_tag():
 def test_clip_refuses_a_checkpoint_of_another_model(tmp_path, vgg16_weights):
     with pytest.raises(ModelUnavailable, match="is not an open_clip clip-vit-b-32 checkpoint"):
         load_embedder("clip-vit-b-32", str(vgg16_weights))
+
+
+def test_every_builder_the_registry_names_exists_without_loading_weights():
+    import importlib
+
+    for spec in MODELS.values():
+        if isinstance(spec.builder, str):
+            module, _, name = spec.builder.partition(":")
+            assert callable(getattr(importlib.import_module(module), name)), spec.builder
