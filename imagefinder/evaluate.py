@@ -94,14 +94,9 @@ class MatrixIndex:
         return self._dba
 
     def knn(
-        self,
-        vector: np.ndarray,
-        k: int,
-        exclude: Sequence[str] = (),
-        augmented: bool = False,
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]:
-        space = self.ranking if augmented else self.matrix
-        dist = ((space - vector) ** 2).sum(axis=1)
+        dist = ((self.matrix - vector) ** 2).sum(axis=1)
         for i in exclude:
             if i in self.row:
                 dist[self.row[i]] = np.inf

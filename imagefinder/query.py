@@ -30,11 +30,7 @@ class Searchable(Protocol):
     def dba(self) -> str | None: ...
 
     def knn(
-        self,
-        vector: np.ndarray,
-        k: int,
-        exclude: Sequence[str] = (),
-        augmented: bool = False,
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]: ...
 
     def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
@@ -43,6 +39,12 @@ class Searchable(Protocol):
 
 
 MAX_K = 100
+# With DBA, a search takes this many candidates beyond k from the raw vectors' index (its
+# fast path: SQLite's binary pre-selection, pgvector's HNSW) and re-ranks them by their
+# augmented vectors. An augmented vector stays near its raw one, so the true top k are
+# among them (recall: bench/results/quality.md); an exact scan of the augmented vectors
+# cost 9x the KNN on 20k vectors.
+DBA_CANDIDATES = 100
 # Characters in a text query: CLIP reads 77 tokens at most, so more only costs time.
 MAX_TEXT = 1000
 
@@ -82,7 +84,7 @@ def run(
     KNN over the raw vectors finds the query's copies (the same picture, already in the
     catalogue: they lead the results, at distance ~0, whatever the re-ranking says) and
     αQE's neighbours, whose ranking vectors move the query; a second KNN ranks by the
-    ranking vectors. Choosing the neighbours by their raw vectors scored a little higher
+    ranking vectors (with DBA: raw-index candidates re-ranked by augmented vectors). Choosing the neighbours by their raw vectors scored a little higher
     than by their augmented ones (bench/results/quality.md).
     """
     augmented = store.dba() is not None
@@ -94,13 +96,35 @@ def run(
     ranking_query = vector
     near = [i for i, d in first if d >= augment.COPY_DISTANCE][:n]
     if expand and near:
-        space = store.augmented_of(near) if augmented else store.vectors_of(near)
-        if augmented:  # an image written since its neighbours' last recompute: raw
-            space = {**store.vectors_of([i for i in near if i not in space]), **space}
+        space = _ranking_vectors(store, near, augmented)
         neighbours = np.stack([space[i] for i in near if i in space])
         ranking_query = augment.weighted_sum(vector, neighbours, augment.QE_ALPHA)
     skip = (*exclude, *(i for i, _ in copies))
-    ranked = store.knn(ranking_query, k - len(copies), exclude=skip, augmented=augmented)
+    ranked = _rank(store, ranking_query, k - len(copies), skip, augmented)
     raw = store.vectors_of([i for i, _ in ranked])
     rest = [(i, float(np.linalg.norm(raw[i] - vector)) if i in raw else d) for i, d in ranked]
     return (copies + rest)[:k]
+
+
+def _ranking_vectors(store: Searchable, ids: Sequence[str], augmented: bool) -> dict:
+    """The vectors ``ids`` rank by: augmented with DBA (raw for an image written since its
+    last recompute, which has none yet), else raw."""
+    if not augmented:
+        return store.vectors_of(ids)
+    found = store.augmented_of(ids)
+    missing = [i for i in ids if i not in found]
+    return {**store.vectors_of(missing), **found} if missing else found
+
+
+def _rank(
+    store: Searchable, query: np.ndarray, k: int, exclude: Sequence[str], augmented: bool
+) -> list[tuple[str, float]]:
+    """The ``k`` nearest to ``query`` by ranking vector (distances to those vectors)."""
+    if k <= 0:
+        return []
+    if not augmented:
+        return store.knn(query, k, exclude)
+    candidates = [i for i, _ in store.knn(query, k + DBA_CANDIDATES, exclude)]
+    space = _ranking_vectors(store, candidates, augmented)
+    scored = [(i, float(np.linalg.norm(space[i] - query))) for i in candidates if i in space]
+    return sorted(scored, key=lambda pair: pair[1])[:k]

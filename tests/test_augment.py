@@ -100,7 +100,7 @@ def test_dba_on_computes_every_augmented_vector_and_ranks_by_them(store):
     # Raw vectors are untouched: exact lookups and distances use them.
     np.testing.assert_allclose(store.vector_of("v007"), vectors[7], atol=1e-6)
     q = vectors[7]
-    by_augmented = [i for i, _ in store.knn(q, 5, augmented=True)]
+    by_augmented = [i for i, _ in query._rank(store, q, 5, (), True)]
     order = np.argsort(((expected - q) ** 2).sum(axis=1), kind="stable")[:5]
     assert by_augmented == [ids[n] for n in order]
 
@@ -125,7 +125,7 @@ def test_writes_keep_the_augmented_table_covering_every_image(store):
     np.testing.assert_allclose(new["w000"], vectors[20], atol=1e-6)
     store.delete(["v000", "w009"])
     assert set(store.augmented_of(["v000", "w009", "v001"])) == {"v001"}
-    hits = {i for i, _ in store.knn(vectors[0], 30, augmented=True)}
+    hits = {i for i, _ in query._rank(store, vectors[0], 30, (), True)}
     assert len(hits) == 28 and "v000" not in hits and "w009" not in hits
 
 
@@ -135,8 +135,8 @@ def test_dba_off_drops_the_augmented_vectors(store):
     assert augment.set_enabled(store, False)
     assert store.dba() is None and store.augmented_of(["v001"]) == {}
     assert not augment.set_enabled(store, False)  # already off: nothing to do
-    # Searches that ask for augmented vectors fall back to the raw ones.
-    assert store.knn(store.vector_of("v001"), 1, augmented=True)[0][0] == "v001"
+    # Ranking by augmented vectors falls back to the raw ones.
+    assert query._rank(store, store.vector_of("v001"), 1, (), True)[0][0] == "v001"
 
 
 def test_repair_after_single_writes_matches_a_full_recompute(store):

@@ -125,7 +125,12 @@ def test_eval_reports_every_combination_of_expansion_and_dba(caltech_index, calt
     assert lines[0] == "500 queries over 25 classes, k = 3"
     assert lines[1].split() == ["model", "images/s", "αQE", "DBA", "P@k", "mAP"]
     rows = [line.split() for line in lines[2:]]
-    assert [(r[2], r[3]) for r in rows] == [("off", "off"), ("on", "off"), ("off", "on"), ("on", "on")]
+    assert [(r[2], r[3]) for r in rows] == [
+        ("off", "off"),
+        ("on", "off"),
+        ("off", "on"),
+        ("on", "on"),
+    ]
     assert all(r[0] == "efficientnet-lite2" and r[1] == "-" for r in rows)
     assert all(re.fullmatch(r"0\.\d{4}", x) for r in rows for x in r[4:])
 

@@ -124,7 +124,9 @@ def test_vgg16_indexes_from_a_local_state_dict_with_fc7_vectors(photos, vgg16_we
     info = json.loads(run("info", "--db", str(db), "--json").output)
     assert (info["model"], info["text_search"]) == ("vgg16", "no")
     # Another model's vectors never go into this index.
-    mixed = run("extract", "--folder", str(photos), "--db", str(db), "--model", "efficientnet-lite0")
+    mixed = run(
+        "extract", "--folder", str(photos), "--db", str(db), "--model", "efficientnet-lite0"
+    )
     assert mixed.exit_code == 1
     assert "built with model='vgg16'" in mixed.stderr and mixed.stderr.count("\n") == 1
 

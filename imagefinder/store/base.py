@@ -135,7 +135,7 @@ class Store(ABC):
 
     # Database-side augmentation (augment.py): while the meta has ``dba``, each image also
     # has an augmented vector, kept beside its raw one by every write (a new or replaced
-    # image starts with its raw vector).
+    # image starts with its raw vector). Searches re-rank candidates by them (query.py).
 
     @abstractmethod
     def set_dba(self, spec: str | None) -> None:
@@ -148,10 +148,6 @@ class Store(ABC):
 
     @abstractmethod
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
-
-    @abstractmethod
-    def _nearest_augmented(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]] | None:
-        """As ``_nearest``, over the augmented vectors; None if the index has none."""
 
     def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
         """``expected`` rows are about to be written: a store may drop its ANN index."""
@@ -184,20 +180,12 @@ class Store(ABC):
         return self.meta().get(DBA_KEY)
 
     def knn(
-        self,
-        vector: np.ndarray,
-        k: int,
-        exclude: Sequence[str] = (),
-        augmented: bool = False,
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]:
         """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first, leaving out
-        the ids in ``exclude``. ``augmented``: to the images' augmented vectors, where the
-        index has them (DBA), else to their raw vectors."""
+        the ids in ``exclude``."""
         skip = set(exclude)
-        fetch = k + len(skip)
-        rows = self._nearest_augmented(vector, fetch) if augmented else None
-        if rows is None:
-            rows = self._nearest(vector, fetch)
+        rows = self._nearest(vector, k + len(skip))
         return [(i, d) for i, d in rows if i not in skip][:k]
 
     def check_existing(self, existing: dict[str, str], identity: dict[str, str]) -> None:

@@ -1,9 +1,9 @@
 """Database-side augmentation in a SQLite index: the augmented vectors, in SQL.
 
-While an index has DBA on, ``vec_dba`` (a vec0 table keyed by ``images.rowid``) holds
-one ranking vector per image, and searches that ask for it rank by those; the raw
-vectors stay in ``images.embedding`` and ``vec_images`` for exact lookups, distances
-and re-computing. Triggers keep the table covering exactly the rows of ``images``, in
+While an index has DBA on, ``images_dba`` (keyed by ``images.rowid``) holds one
+augmented vector per image; searches re-rank their candidates by them (query.py). The
+raw vectors stay in ``images.embedding`` and ``vec_images`` for the search itself, exact
+lookups, distances and re-computing. Triggers keep the table covering exactly the rows of ``images``, in
 the writer's own transaction and whichever ImageFinder writes (an older one included):
 a new or replaced image enters with its raw vector, until ``augment.refresh`` or
 ``augment.repair`` gives it its neighbourhood, and a deleted one leaves. The table and
@@ -17,15 +17,14 @@ from typing import Any
 
 import numpy as np
 
-TABLE = "vec_dba"
-CHUNK = 256  # as vec_images (sqlite.VEC_CHUNK)
+TABLE = "images_dba"
 TRIGGERS = {
-    "vec_dba_insert": f"""AFTER INSERT ON images BEGIN
+    "images_dba_insert": f"""AFTER INSERT ON images BEGIN
         INSERT INTO {TABLE} (rowid, embedding) VALUES (new.rowid, new.embedding); END""",
-    "vec_dba_update": f"""AFTER UPDATE OF embedding ON images BEGIN
-        DELETE FROM {TABLE} WHERE rowid = old.rowid;
-        INSERT INTO {TABLE} (rowid, embedding) VALUES (new.rowid, new.embedding); END""",
-    "vec_dba_delete": f"""AFTER DELETE ON images BEGIN
+    "images_dba_update": f"""AFTER UPDATE OF embedding ON images BEGIN
+        INSERT OR REPLACE INTO {TABLE} (rowid, embedding) VALUES (new.rowid, new.embedding);
+        END""",
+    "images_dba_delete": f"""AFTER DELETE ON images BEGIN
         DELETE FROM {TABLE} WHERE rowid = old.rowid; END""",
 }
 
@@ -42,8 +41,7 @@ def exists(conn: Any) -> bool:
 def create(conn: Any, dim: int) -> None:
     """Create the table with every image's raw vector (inside a write)."""
     conn.execute(
-        f"CREATE VIRTUAL TABLE IF NOT EXISTS {TABLE} USING vec0("
-        f"embedding float[{dim}] distance_metric=l2, chunk_size={CHUNK})"
+        f"CREATE TABLE IF NOT EXISTS {TABLE} (rowid INTEGER PRIMARY KEY, embedding BLOB NOT NULL)"
     )
     conn.execute(f"INSERT INTO {TABLE} (rowid, embedding) SELECT rowid, embedding FROM images")
     for name, body in TRIGGERS.items():
@@ -63,34 +61,19 @@ def write(conn: Any, rows: Iterable[tuple[str, bytes]]) -> int:
         row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
             continue
-        conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (row[0],))
-        conn.execute(f"INSERT INTO {TABLE} (rowid, embedding) VALUES (?, ?)", (row[0], blob))
+        conn.execute(f"UPDATE {TABLE} SET embedding = ? WHERE rowid = ?", (blob, row[0]))
         n += 1
     return n
 
 
 def vectors(conn: Any, ids: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for image_id in ids:
-        row = conn.execute(
-            f"SELECT d.embedding FROM images JOIN {TABLE} d ON d.rowid = images.rowid "
-            "WHERE images.id = ?",
-            (image_id,),
-        ).fetchone()
-        if row:
-            out[image_id] = np.frombuffer(row[0], dtype=np.float32).copy()
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+        chunk = list(ids[start : start + 500])
+        rows = conn.execute(
+            f"SELECT images.id, d.embedding FROM images JOIN {TABLE} d "
+            f"ON d.rowid = images.rowid WHERE images.id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        )
+        out.update((i, np.frombuffer(blob, dtype=np.float32).copy()) for i, blob in rows)
     return out
-
-
-def nearest(conn: Any, blob: bytes, fetch: int) -> list[tuple[str, float]]:
-    """The ``fetch`` nearest (id, L2 distance to the augmented vector): an exact scan."""
-    rows = conn.execute(
-        f"""WITH knn AS (
-               SELECT rowid, distance FROM {TABLE} WHERE embedding MATCH ? AND k = ?
-           )
-           SELECT images.id, knn.distance FROM knn
-           JOIN images ON images.rowid = knn.rowid
-           ORDER BY knn.distance""",
-        (blob, fetch),
-    ).fetchall()
-    return [(i, float(d)) for i, d in rows]

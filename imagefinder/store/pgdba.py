@@ -1,10 +1,9 @@
 """Database-side augmentation in a PostgreSQL index: the augmented vectors, in SQL.
 
-While an index has DBA on, ``imagefinder_dba`` holds one ranking vector per image. A
-trigger keeps it covering exactly the rows of ``imagefinder_images``, whichever process
+While an index has DBA on, ``imagefinder_dba`` holds one augmented vector per image,
+by which searches re-rank their candidates (query.py). A trigger keeps it covering exactly the rows of ``imagefinder_images``, whichever process
 writes: a new or replaced image enters with its raw vector (until ``augment.refresh``
 gives it its neighbourhood), and a deleted one leaves by the foreign key's cascade.
-Searches over it scan every row exactly: it has no HNSW index of its own.
 """
 
 from __future__ import annotations
@@ -67,12 +66,3 @@ def vectors(conn: Any, table: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         f"SELECT id, embedding FROM {table} WHERE id = ANY(%s)", (list(ids),), binary=True
     ).fetchall()
     return {i: np.asarray(v, dtype=np.float32) for i, v in rows}
-
-
-def nearest(conn: Any, query: np.ndarray, fetch: int) -> list[tuple[str, float]]:
-    rows = conn.execute(
-        f"SELECT id, embedding <-> %(q)b AS distance FROM {TABLE} "
-        "ORDER BY distance, id LIMIT %(fetch)s",
-        {"q": np.ascontiguousarray(query, dtype=np.float32), "fetch": fetch},
-    ).fetchall()
-    return [(i, float(d)) for i, d in rows]

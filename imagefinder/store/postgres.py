@@ -426,10 +426,6 @@ class PGStore(Store):
         with self._tx() as conn:
             return pgdba.vectors(conn, IMAGES, ids)
 
-    def _nearest_augmented(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]] | None:
-        with self._tx() as conn:
-            return pgdba.nearest(conn, vector, fetch) if pgdba.exists(conn) else None
-
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least
         doubles it. Searches meanwhile scan the table: exact, slower."""

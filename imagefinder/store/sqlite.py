@@ -7,7 +7,7 @@ Layout (schema version 1):
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
-- ``vec_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
+- ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
 - ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
   per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
 
@@ -281,16 +281,6 @@ class SQLiteStore(Store):
             (_blob(vector), fetch),
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
-
-    def _nearest_augmented(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]] | None:
-        if not dba.exists(self.conn):
-            return None
-        try:
-            return dba.nearest(self.conn, _blob(vector), fetch)
-        except Exception as e:  # dropped by a writer since exists() looked
-            if "no such table" not in str(e):
-                raise
-            return None
 
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
