@@ -175,7 +175,7 @@ def test_a_bad_weights_file_is_refused(tmp_path, content, message):
 
 def test_an_unknown_model_names_the_choices():
     with pytest.raises(ModelUnavailable, match="choose one of: resnet50, efficientnet-lite0"):
-        load_embedder("vgg16")
+        load_embedder("vgg19")
 
 
 # -- extraction --------------------------------------------------------------------
