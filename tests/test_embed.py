@@ -137,7 +137,7 @@ def test_resnet50_offline_without_weights_says_how_to_get_them(tmp_path, monkeyp
         RESNET50_URL,
         "IMAGEFINDER_WEIGHTS",
         "--weights",
-        "efficientnet-lite0",
+        "efficientnet-lite2",
     ):
         assert needed in message
     assert str(tmp_path / "empty-torch-home" / "hub" / "checkpoints" / RESNET50_FILE) in message
