@@ -7,6 +7,7 @@ else in the package reads ``os.environ``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -18,10 +19,15 @@ PREFIX = "IMAGEFINDER_"
 # (~260 MB; formats that need more per pixel get fewer pixels, see imagecost.py): the
 # most one upload may cost, measured by bench/hostile.py.
 DEFAULT_MAX_PIXELS = 64_000_000
+# What IMAGEFINDER_DB calls a plain location (no name=): the server's one index.
+DEFAULT_INDEX = "default"
+INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
 class Settings:
+    # One index location (a SQLite path or a postgresql:// URL), or several as
+    # comma-separated name=location pairs (see ``indexes``).
     db: str = "data/imagefinder.db"
     images_dir: str = "data/images"
     model: str = "resnet50"
@@ -50,8 +56,13 @@ class Settings:
     # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
     # data/thumbs/ for a server index.
     thumbs_dir: str | None = None
+    # αQE on searches that do not say (``expand``); DBA for new indexes (an index keeps
+    # its own setting). Both on: they won on the dev split (bench/results/quality.md).
+    expand: bool = True
+    dba: bool = True
 
     def __post_init__(self) -> None:
+        self.indexes  # noqa: B018 (a malformed IMAGEFINDER_DB fails here, at startup)
         if self.decode_processes is None:
             object.__setattr__(self, "decode_processes", self.max_concurrency)
         for name, least in (
@@ -95,6 +106,40 @@ class Settings:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def indexes(self) -> tuple[tuple[str, str], ...]:
+        """The indexes ``db`` names, as (name, location) pairs; the first is the default.
+
+        ``db`` is one location (named ``default``), or ``name=location`` pairs separated
+        by commas, e.g. ``images=data/r50.db,text=data/clip.db``. A name is letters,
+        digits, ``_``, ``-`` and ``.``, so a path or URL with an ``=`` of its own (a
+        PostgreSQL ``?sslmode=...``) still reads as one location."""
+        text = self.db.strip()
+        head = text.split(",", 1)[0]
+        name, sep, _ = head.partition("=")
+        if not sep or not INDEX_NAME.fullmatch(name.strip()):
+            return ((DEFAULT_INDEX, text),)
+        pairs: list[tuple[str, str]] = []
+        for part in text.split(","):
+            name, sep, location = (x.strip() for x in part.partition("="))
+            if not part.strip():
+                continue
+            if not sep or not INDEX_NAME.fullmatch(name) or not location:
+                raise ConfigError(
+                    f"{PREFIX}DB: {part.strip()!r} is not name=location; write each index "
+                    f"as name=location (name: letters, digits, '_', '-', '.'), separated "
+                    f"by commas"
+                )
+            if any(name == n for n, _ in pairs):
+                raise ConfigError(f"{PREFIX}DB names the index {name!r} twice")
+            pairs.append((name, location))
+        return tuple(pairs)
+
+    @property
+    def location(self) -> str:
+        """The default index's location (the first of ``indexes``)."""
+        return self.indexes[0][1]
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -50,10 +50,12 @@ def redact(message: str, settings: Settings | None = None) -> str:
 def _known(settings: Settings) -> list[tuple[str, str]]:
     """(as it may appear in a message, public form), longest first."""
     pairs: list[tuple[str, str]] = []
-    if is_postgres(settings.db):
-        shown = public_location(settings.db)
-        pairs += [(settings.db, shown), (display_location(settings.db), shown)]
-    for value in (settings.db, settings.images_dir, settings.weights, settings.thumbs_dir):
+    locations = [location for _, location in settings.indexes]
+    for location in locations:
+        if is_postgres(location):
+            shown = public_location(location)
+            pairs += [(location, shown), (display_location(location), shown)]
+    for value in (*locations, settings.images_dir, settings.weights, settings.thumbs_dir):
         if not value or is_postgres(value):
             continue
         shown = public_path(value)

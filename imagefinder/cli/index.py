@@ -9,22 +9,48 @@ from typing import Any
 
 import click
 
+from ..model.registry import MODELS
 from .base import command, db_option, load_settings
 
 
 @command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", help="Search by a text instead of IMAGE (indexes of a text model).")
 @db_option
+@click.option(
+    "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
+)
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
 )
+@click.option(
+    "--expand/--no-expand",
+    default=None,
+    help="Query expansion, αQE (default: $IMAGEFINDER_EXPAND, on).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
-def search(image: str, db: str | None, k: int, as_json: bool) -> None:
-    """Find the indexed images nearest to IMAGE."""
-    from ..service import Service
+def search(
+    image: str | None,
+    text: str | None,
+    db: str | None,
+    index: str | None,
+    k: int,
+    expand: bool | None,
+    as_json: bool,
+) -> None:
+    """Find the indexed images nearest to IMAGE, or best matching --text."""
+    from ..query import SearchOptions
+    from ..service import Indexes
 
-    service = Service(load_settings(db=db))
-    results = service.search_bytes(Path(image).read_bytes(), k)
+    if (image is None) == (text is None):
+        raise click.UsageError("give either an IMAGE or --text, not both or neither")
+    service = Indexes(load_settings(db=db)).get(index)
+    options = SearchOptions(k=k, expand=expand)
+    if text is not None:
+        results = service.search_text(text, options)
+    else:
+        assert image is not None
+        results = service.search_bytes(Path(image).read_bytes(), options)
     if as_json:
         click.echo(json.dumps(service.response(results), indent=2))
     else:
@@ -37,17 +63,24 @@ def search(image: str, db: str | None, k: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(db: str | None, as_json: bool) -> None:
     """Show what an index holds: model, dimension, metric, count."""
+    from ..model.registry import embeds_text
     from ..store import open_store
 
     settings = load_settings(db=db)
-    store = open_store(settings.db)
+    store = open_store(settings.location)
     meta = store.meta()
     if not meta:
         raise click.ClickException(
             f"{store.location} is not an index yet; build one with: "
             f"imagefinder extract --folder DIR --db {store.location}"
         )
-    data = {"index": store.location, "vectors": store.count(), **meta}
+    data = {
+        "index": store.location,
+        "vectors": store.count(),
+        **meta,
+        "text_search": "yes" if embeds_text(meta.get("model")) else "no",
+        "dba": meta.get("dba", "off"),
+    }
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -61,27 +94,53 @@ def info(db: str | None, as_json: bool) -> None:
     "--folder",
     required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Folder with one sub-folder per class, already indexed.",
+    help="Folder with one sub-folder per class.",
 )
 @db_option
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(list(MODELS)),
+    help="Embed the folder with this model into a temporary index and evaluate it, "
+    "timing images/s (repeat for several). Without it: the index --db, as built.",
+)
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Cut-off for precision@k."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def evaluate(folder: str, db: str | None, k: int, as_json: bool) -> None:
-    """Leave-one-out precision@k and mAP of an index over a labelled folder."""
-    from ..evaluate import evaluate_index
-    from ..store import open_store
+def evaluate(folder: str, db: str | None, models: tuple[str, ...], k: int, as_json: bool) -> None:
+    """Leave-one-out precision@k and mAP for each model, αQE and DBA combination.
+
+    FOLDER has one sub-folder per class. Query expansion (αQE) and database-side
+    augmentation (DBA) are each tried off and on. Each image queries all the others through the same search code as the API. αQE and
+    DBA are applied in memory: the index on disk is never changed.
+    """
+    from ..evaluate import evaluate_models
 
     settings = load_settings(db=db)
-    store = open_store(settings.db, ef_search=settings.ef_search, exact=settings.exact)
-    report = evaluate_index(store, folder, k)
+    bars: list[Any] = []
+
+    def on_model(name: str, total: int) -> Any:
+        for bar in bars:
+            bar.render_finish()
+        bar = click.progressbar(length=total, label=f"Embedding with {name}", file=sys.stderr)
+        bars.append(bar)
+        return bar.update
+
+    rows = evaluate_models(settings, folder, models, k, on_model=on_model)
+    for bar in bars:
+        bar.render_finish()
     if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{rows[0]['queries']} queries over {rows[0]['classes']} classes, k = {k}")
+    click.echo(f"{'model':<20} {'images/s':>8} {'αQE':>4} {'DBA':>4} {'P@k':>7} {'mAP':>7}")
+    for r in rows:
+        speed = f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-"
         click.echo(
-            f"{report['queries']} queries over {report['classes']} classes: "
-            f"precision@{k} = {report['precision_at_k']:.4f}, mAP = {report['map']:.4f}"
+            f"{r['model']:<20} {speed:>8} {'on' if r['expand'] else 'off':>4} "
+            f"{'on' if r['dba'] else 'off':>4} {r['precision_at_k']:>7.4f} {r['map']:>7.4f}"
         )
 
 

@@ -43,5 +43,5 @@ def torchvision_state_dict(enum: Any, model: str) -> dict[str, Any]:
             f"({type(e).__name__}: {e}). On a machine with network, download {enum.url} "
             f"and either copy it to {cached} or pass --weights PATH "
             f"(or set IMAGEFINDER_WEIGHTS=PATH). To work fully offline, use "
-            f"--model efficientnet-lite0, whose weights ship with a pip package."
+            f"--model efficientnet-lite2, whose weights ship with a pip package."
         ) from e

@@ -24,9 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__, images, memory
 from ..config import Settings
-from ..errors import Busy, ImageFinderError, ModelUnavailable, StoreError
+from ..errors import Busy, ImageFinderError
 from ..redact import redact
-from ..service import Service
+from ..service import Indexes, Service
 from . import browse, docs, health, search, writes
 from .decoders import Decoders
 from .deps import error_response
@@ -52,12 +52,14 @@ STATUS = {
     "unknown_id": 404,
     "file_missing": 404,
     "not_found": 404,
+    "unknown_index": 404,
     "method_not_allowed": 405,
     "too_large": 413,
     "too_many_pixels": 413,
     "too_complex": 413,
     "invalid_request": 422,
     "invalid_id": 422,
+    "text_not_supported": 422,
     "index_missing": 503,
     "index_empty": 503,
     "index_unusable": 503,
@@ -217,28 +219,30 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or Service(settings)
-        app.state.service = svc
-        if settings.decode_processes:
-            svc.decoder = decoders = Decoders(settings.decode_processes)
+        indexes = Indexes(settings, [service] if service else ())
+        app.state.indexes = indexes
+        app.state.service = indexes.default
+        decoders = Decoders(settings.decode_processes) if settings.decode_processes else None
+        for svc in indexes:
+            if decoders is not None:
+                svc.decoder = decoders
         raise_file_limit()
         quiet_accept_errors(asyncio.get_running_loop())
         memory.map_large_blocks()  # upload buffers go back to the OS when freed
-        # Load the model once, now, if the index says which one; otherwise on the
-        # first search after an index appears.
-        try:
-            await run_in_threadpool(svc.load_model)
-        except (StoreError, ModelUnavailable) as e:
-            # A database server still starting, or a weights file gone: serve anyway,
-            # loudly; searches answer 503 with this message until it is fixed.
-            log.error("cannot serve searches yet: %s", e)
+        # Load each model once, now, if its index says which one; otherwise on the
+        # first search after an index appears. A database server still starting, or a
+        # weights file gone: serve anyway, loudly; that index's searches answer 503 with
+        # the message until it is fixed.
+        for name, problem in await run_in_threadpool(indexes.load_models):
+            log.error("cannot serve searches from index %r yet: %s", name, problem)
         try:
             yield
         finally:
-            svc.close()
-            if settings.decode_processes:
+            indexes.close()
+            if decoders is not None:
                 decoders.close()
-                svc.decoder = images
+                for svc in indexes:
+                    svc.decoder = images
             app.state.gate.close()
             app.state.health.close()
 
@@ -251,6 +255,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         redoc_url=None,
     )
     if service is not None:
+        app.state.indexes = Indexes(settings, [service])
         app.state.service = service
     app.state.gate = Gate(settings.max_concurrency, settings.max_queue)
     app.state.health = HealthCheck()

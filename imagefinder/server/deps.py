@@ -9,16 +9,23 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from ..errors import EmptyUpload, TooLarge
-from ..service import Service
+from ..service import Indexes, Service
+
+
+# async: FastAPI runs a plain-def dependency in the thread pool, which a flood of requests
+# can fill; these must never wait behind one (/health depends on them).
+async def get_indexes(request: Request) -> Indexes:
+    indexes: Indexes = request.app.state.indexes
+    return indexes
 
 
 async def get_service(request: Request) -> Service:
-    # async: FastAPI runs a plain-def dependency in the thread pool, which a flood of
-    # requests can fill; this must never wait behind one (/health depends on it).
-    service: Service = request.app.state.service
-    return service
+    """The default index's service (routes that take no ``index``)."""
+    indexes: Indexes = request.app.state.indexes
+    return indexes.default
 
 
+IndexesDep = Annotated[Indexes, Depends(get_indexes)]
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 

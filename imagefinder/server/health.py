@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .deps import ServiceDep
+from .deps import IndexesDep
 from .schemas import Health
 
 TTL = 0.5
@@ -52,6 +52,6 @@ class HealthCheck:
 
 
 @router.get("/health", response_model=Health, summary="Status, model and vector count")
-async def health(request: Request, service: ServiceDep) -> dict[str, Any]:
+async def health(request: Request, indexes: IndexesDep) -> dict[str, Any]:
     check: HealthCheck = request.app.state.health
-    return await check.answer(service.public_health)
+    return await check.answer(indexes.public_health)

@@ -1,4 +1,6 @@
-"""Searching: upload an image, get its nearest catalogue images (through the gate)."""
+"""Searching: upload an image or type a text, get the nearest catalogue images. Every
+search route takes the same options (``SearchParams``) and runs through the gate (the
+health check is in ``health.py``)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from .deps import ServiceDep, read_upload
+from .deps import IndexesDep, read_upload
 from .gate import GatedRoute, gate_of
-from .schemas import UPLOAD_ERRORS, SearchResponse
+from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, SearchParams, SearchResponse, TextQuery
 
 router = APIRouter(route_class=GatedRoute)
 
@@ -21,9 +23,26 @@ router = APIRouter(route_class=GatedRoute)
 )
 async def similarity_search(
     request: Request,
-    service: ServiceDep,
+    indexes: IndexesDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
-    k: Annotated[int, Form(ge=1, le=100, description="How many neighbours")] = 3,
+    params: Annotated[SearchParams, Form()],
 ) -> dict[str, Any]:
+    service = indexes.get(params.index)
+    options = params.options()
     data = await read_upload(file, service)
-    return await gate_of(request).run(lambda: service.response(service.search_bytes(data, k)))
+    return await gate_of(request).run(lambda: service.response(service.search_bytes(data, options)))
+
+
+@router.post(
+    "/text-search",
+    response_model=SearchResponse,
+    responses=TEXT_ERRORS,
+    summary="The k catalogue images that best match a text (indexes whose model embeds text)",
+)
+async def text_search(
+    request: Request, indexes: IndexesDep, params: Annotated[TextQuery, Form()]
+) -> dict[str, Any]:
+    service = indexes.get(params.index)
+    return await gate_of(request).run(
+        lambda: service.response(service.search_text(params.q, params.options()))
+    )
