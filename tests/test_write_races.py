@@ -267,7 +267,7 @@ def test_a_later_full_extract_of_another_folder_wins_for_the_ids_it_holds(tmp_pa
     file is still there. Ids only the API knows are left alone."""
     from imagefinder.config import Settings
     from imagefinder.server.writes import add_image, remove_image
-    from imagefinder.service import Service
+    from imagefinder.service import Indexes, Service
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -275,11 +275,13 @@ def test_a_later_full_extract_of_another_folder_wins_for_the_ids_it_holds(tmp_pa
         (folder / f"p{i}.jpg").write_bytes(photo(i))
     store = open_store(tmp_path / "index.db")
     index_folder(folder, store, model)
-    service = Service(Settings(db=str(tmp_path / "index.db"), images_dir=str(tmp_path / "api")))
+    settings = Settings(db=str(tmp_path / "index.db"), images_dir=str(tmp_path / "api"))
+    service = Service(settings)
     service.embedder = model
-    add_image(service, "p0", image_bytes((30, 30), (1, 2, 3), fmt="PNG"))
-    add_image(service, "api-only", image_bytes((30, 30), (9, 9, 9), fmt="PNG"))
-    remove_image(service, "p1")
+    indexes = Indexes(settings, [service])
+    add_image(indexes, "p0", image_bytes((30, 30), (1, 2, 3), fmt="PNG"))
+    add_image(indexes, "api-only", image_bytes((30, 30), (9, 9, 9), fmt="PNG"))
+    remove_image(indexes, "p1")
     assert (folder / "p1.jpg").exists()  # a folder indexed in place: its files stay
     service.close()
 

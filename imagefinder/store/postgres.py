@@ -164,6 +164,18 @@ class PGStore(Store):
             return {}
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
 
+    def _read_meta_locked(self, conn: psycopg.Connection) -> dict[str, str]:
+        """The meta as committed right now, read under the schema lock. Not through
+        ``to_regclass``: a name lookup takes no lock, so it may answer from a catalog cache
+        that has not yet heard of the table another process created a moment ago (two
+        extractions starting at once then both created the index). A SELECT locks the
+        table, which brings the cache up to date."""
+        try:
+            with conn.transaction():  # a savepoint: a missing table must not end the outer one
+                return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
+        except psycopg.errors.UndefinedTable:
+            return {}
+
     def meta(self) -> dict[str, str]:
         # An index's meta never changes once written: read it once, then serve it from
         # memory (the API reads it on every search).
@@ -180,7 +192,7 @@ class PGStore(Store):
         """Create the index for ``identity`` (model meta), or check it matches."""
         with self._tx() as conn:
             conn.execute(SCHEMA_LOCK)
-            existing = self._read_meta(conn)
+            existing = self._read_meta_locked(conn)
             if existing:
                 self.check_existing(existing, identity)
                 self._meta = self._migrate(conn, existing)
