@@ -17,17 +17,19 @@ from imagefinder.cli import cli
 from imagefinder.config import Settings
 from imagefinder.server.app import create_app
 
+pytestmark = pytest.mark.slow
+
 K = 3
 MIN_PRECISION = 0.80
 
 
 @pytest.fixture(scope="module")
-def api_precision(caltech_index, caltech_dir) -> float:
+def api_precision(caltech_lite0_index, caltech_dir) -> float:
     """Leave-one-out precision@3 of the API over every indexed photo."""
     photos = sorted(caltech_dir.glob("*/*.jpg"))
     assert len(photos) == 500
     hits = []
-    with TestClient(create_app(Settings(db=str(caltech_index)))) as client:
+    with TestClient(create_app(Settings(db=str(caltech_lite0_index)))) as client:
         for path in photos:
             query_id = f"{path.parent.name}/{path.stem}"
             response = client.post(
@@ -48,9 +50,9 @@ def test_api_leave_one_out_precision_at_3(api_precision):
     assert api_precision >= MIN_PRECISION
 
 
-def test_imagefinder_eval_agrees_with_the_api(api_precision, caltech_index, caltech_dir):
+def test_imagefinder_eval_agrees_with_the_api(api_precision, caltech_lite0_index, caltech_dir):
     result = CliRunner().invoke(
-        cli, ["eval", "--folder", str(caltech_dir), "--db", str(caltech_index), "--json"]
+        cli, ["eval", "--folder", str(caltech_dir), "--db", str(caltech_lite0_index), "--json"]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
