@@ -20,10 +20,17 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from pathlib import Path
 
 import torch
 
-from imagefinder.model.registry import ModelSpec, register
+if __name__ == "__main__":
+    # Run as a script, this file's folder comes first on sys.path, not the project's: the
+    # project must win over any installed copy of the package (an editable install of
+    # another checkout), or the subprocess would test that copy's code.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from imagefinder.model.registry import ModelSpec, register  # noqa: E402
 
 NAME = "fake-colour"
 DIM = 128
