@@ -16,7 +16,7 @@ venv: $(BIN)/imagefinder
 
 ## Download the 295-row catalogue, index it with resnet50, serve on :8000.
 run: venv
-	-$(BIN)/python download_images.py --csv_file data/images.csv
+	$(BIN)/python download_images.py --csv_file data/images.csv
 	$(BIN)/python extract_image_features.py --folder data/images
 	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 
