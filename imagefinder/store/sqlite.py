@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import IndexNotReady, StoreError
 from . import coarse
 from .base import FileState, Item, Store, keyset_pages, new_meta
 
@@ -105,8 +105,12 @@ class SQLiteStore(Store):
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
+        create: bool = True,
     ):
         self.path = Path(path)
+        # False for commands that only read: a mistyped path must not leave an empty
+        # index file (and its folder) behind.
+        self.create = create
         # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
         # always scans every float vector. Writes: the coarse table exists while the
         # index holds at least ``fast_min_rows`` vectors.
@@ -128,6 +132,9 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_path()
+            if not self.create and not self.path.exists():
+                raise IndexNotReady(f"there is no index at {self.path}")
             if not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -146,7 +153,15 @@ class SQLiteStore(Store):
 
     # -- schema and meta -------------------------------------------------
 
+    def _check_path(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not an index file; "
+                f"name the file, for example {self.path / 'imagefinder.db'}"
+            )
+
     def meta(self) -> dict[str, str]:
+        self._check_path()
         if not self.path.is_file():
             return {}
         meta = self._read_meta()
