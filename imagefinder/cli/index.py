@@ -3,30 +3,51 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from .base import command, db_option, load_settings
+from .base import command, db_option, load_settings, open_index
+from .progress import Progress
 
 
 @command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @db_option
 @click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a running server (e.g. http://127.0.0.1:8000) instead of loading the "
+    "model here: a query then takes milliseconds, not the seconds a model takes to load.",
+)
+@click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
-def search(image: str, db: str | None, k: int, as_json: bool) -> None:
+def search(image: str, db: str | None, server: str | None, k: int, as_json: bool) -> None:
     """Find the indexed images nearest to IMAGE."""
-    from ..service import Service
+    if server:
+        if db:
+            raise click.UsageError(
+                "--db and --server exclude each other: a server searches its own index"
+            )
+        from ..client import search as ask_server
 
-    service = Service(load_settings(db=db))
-    results = service.search_bytes(Path(image).read_bytes(), k)
+        body = ask_server(server, Path(image), k)
+        results = [(str(r["id"]), float(r["distance"])) for r in body["results"]]
+    else:
+        from ..service import Service
+        from ..store import open_store
+
+        settings = load_settings(db=db)
+        store = open_store(
+            settings.db, ef_search=settings.ef_search, exact=settings.exact, create=False
+        )
+        service = Service(settings, store)
+        results = service.search_bytes(Path(image).read_bytes(), k)
+        body = service.response(results)
     if as_json:
-        click.echo(json.dumps(service.response(results), indent=2))
+        click.echo(json.dumps(body, indent=2))
     else:
         for image_id, distance in results:
             click.echo(f"{distance:.4f}  {image_id}")
@@ -37,16 +58,9 @@ def search(image: str, db: str | None, k: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(db: str | None, as_json: bool) -> None:
     """Show what an index holds: model, dimension, metric, count."""
-    from ..store import open_store
-
     settings = load_settings(db=db)
-    store = open_store(settings.db)
+    store = open_index(settings.db, settings)
     meta = store.meta()
-    if not meta:
-        raise click.ClickException(
-            f"{settings.db} is not an index yet; build one with: "
-            f"imagefinder extract --folder DIR --db {settings.db}"
-        )
     data = {"index": store.location, "vectors": store.count(), **meta}
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -71,10 +85,9 @@ def info(db: str | None, as_json: bool) -> None:
 def evaluate(folder: str, db: str | None, k: int, as_json: bool) -> None:
     """Leave-one-out precision@k and mAP of an index over a labelled folder."""
     from ..evaluate import evaluate_index
-    from ..store import open_store
 
     settings = load_settings(db=db)
-    store = open_store(settings.db, ef_search=settings.ef_search, exact=settings.exact)
+    store = open_index(settings.db, settings)
     report = evaluate_index(store, folder, k)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -104,15 +117,10 @@ def copy(src: str, dst: str, batch_size: int) -> None:
     from ..store import open_store
     from ..store.transfer import copy_index
 
-    source, target = open_store(src), open_store(dst)
-    bar: Any
-    with click.progressbar(length=0, label="Copying", file=sys.stderr) as bar:
-
-        def on_total(n: int) -> None:
-            bar.length = n
-
+    source, target = open_index(src), open_store(dst)
+    with Progress("Copying") as progress:
         copied = copy_index(
-            source, target, batch=batch_size, on_total=on_total, on_progress=bar.update
+            source, target, batch=batch_size, on_total=progress.total, on_progress=progress.update
         )
     total = target.count()
     source.close()
@@ -129,5 +137,12 @@ def serve(db: str | None, host: str, port: int) -> None:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.logs import uvicorn_log_config
 
-    uvicorn.run(create_app(load_settings(db=db)), host=host, port=port)
+    settings = load_settings(db=db)
+    app = create_app(settings)
+    # uvicorn's lines in the configured format; its access log gives way to the request
+    # line of server/observe.py.
+    uvicorn.run(
+        app, host=host, port=port, log_config=uvicorn_log_config(settings), access_log=False
+    )
