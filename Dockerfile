@@ -29,8 +29,8 @@ RUN python3 -m venv /opt/imagefinder
 
 # torch first, on a layer of its own: it is most of the image and changes least.
 # PyTorch's CPU index has torch 2.14.1 built for CPU only; the Linux wheel of the same
-# version on the default index is the CUDA build, which installs 1.2 GB of torch, 0.9 GB
-# of triton and 3.2 GB of NVIDIA libraries that a CPU server never loads. An empty
+# version on the default index is the CUDA build, which brings several GB of NVIDIA
+# libraries and triton that a CPU server never loads (see README, Container). An empty
 # TORCH_INDEX means pip's configured index (the project's CI, where PyTorch's is out of
 # reach, builds so).
 # The pins are pyproject.toml's (tests/test_container.py checks they agree).

@@ -380,6 +380,16 @@ def test_search_through_a_running_server_answers_like_a_local_search(tmp_path):
         not_image = tmp_path / "notes.jpg"
         not_image.write_text("shopping list")
         refused = run("search", str(not_image), "--server", server.url + "/")
+        # What makes it quick: the command loads no model, and not even torch.
+        alone = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "imagefinder", "search", str(query),
+             "--server", server.url, "-k", "4"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout == local.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in alone.stderr.splitlines()}
+    assert "imagefinder.cli" in imported and "torch" not in imported
     assert remote.exit_code == 0, remote.output
     assert remote.stdout == local.stdout
     assert remote.stdout.splitlines()[0] == "0.0000  p2"

@@ -18,7 +18,7 @@ from .progress import Progress
     "--server",
     metavar="URL",
     help="Ask a running server (e.g. http://127.0.0.1:8000) instead of loading the "
-    "model here: a query then takes milliseconds, not the seconds a model takes to load.",
+    "model here: no torch import, no weights to load.",
 )
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
