@@ -169,6 +169,23 @@ def test_a_folder_given_as_the_index_is_named_as_such(tmp_path):
     assert searched.exit_code == 1 and "is a folder, not an index file" in searched.stderr
 
 
+def test_another_model_is_refused_before_any_weights_load(tmp_path, monkeypatch):
+    db = tmp_path / "index.db"
+    assert extract(photos(tmp_path / "p"), db).exit_code == 0
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded (resnet50 would have gone to download)")
+
+    monkeypatch.setattr("imagefinder.service.load_embedder", no_loading)
+    result = run("extract", "--folder", str(tmp_path / "p"), "--db", str(db), "--model", "resnet50")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {db} was built with model='{FAKE}', but this run uses model='resnet50'; "
+        "vectors from different models cannot be mixed. "
+        f"Use --model {FAKE} (and the same weights), or a new --db path\n"
+    )
+
+
 # -- files are created like any other tool's -------------------------------------------
 
 
