@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> dict:
         db.parent.mkdir(parents=True, exist_ok=True)
         build_index(db)  # incremental: an interrupted build resumes
     env = {"IMAGEFINDER_DB": str(db)}
-    with LiveServer(env) as server:
+    # One log line per request: to a file in the bench cache, not over the report.
+    with LiveServer(env, log=CACHE / "server-loadtest.log") as server:
         pid = server.proc.pid
         health = requests.get(server.url + "/health", timeout=10).json()
         rss_start = rss_mb(pid)
