@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         build_index(db)  # incremental: an interrupted build resumes
     env = {"IMAGEFINDER_DB": str(db)}
     # One log line per request: to a file in the bench cache, not over the report.
+    CACHE.mkdir(parents=True, exist_ok=True)
     with LiveServer(env, log=CACHE / "server-loadtest.log") as server:
         pid = server.proc.pid
         health = requests.get(server.url + "/health", timeout=10).json()
