@@ -64,7 +64,9 @@ class Observe:
         rid = given if CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
         # Every record logged while this request is handled carries its id.
         logs.request_id.set(rid)
-        status, code = 500, ""
+        # 499 (as nginx logs it): the client went away before any answer started. An
+        # exception still passes through send_observed as Starlette's 500.
+        status, code = 499, ""
         read_code = False
 
         async def send_observed(message: Message) -> None:
