@@ -32,8 +32,8 @@ from .base import FileState, Item, Store, keyset_pages, new_meta
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
-# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
+# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
+# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
 DEFAULT_CANDIDATES = 100
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
