@@ -61,7 +61,7 @@ def test_download_images_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 downloaded, 0 skipped (already there), 1 failed" in proc.stdout
     # Not a terminal: the skip line alone, no progress label, no blank lines.
-    assert proc.stderr == f"skipping {csv_path}:3 ({missing}): HTTP 404\n"
+    assert proc.stderr == f"skipping {csv_path}:3: HTTP 404 ({missing})\n"
     assert (out / "one.jpg").read_bytes() == JPEG
     assert (out / "manifest.csv").is_file()
     usage = script("download_images.py", "--help")

@@ -264,7 +264,7 @@ def test_download_command_summarises_and_writes_a_manifest(server, tmp_path):
     assert "Downloading" not in result.stderr  # no progress bar outside a terminal
     assert f"skipping {csv_path}:6: duplicate id 'c1' (first on line 2)" in result.stderr
     assert f"skipping {csv_path}:7: id '../up' is not safe as a file name" in result.stderr
-    assert f"skipping {csv_path}:4 ({server.url('/missing')}): HTTP 404" in result.stderr
+    assert f"skipping {csv_path}:4: HTTP 404 ({server.url('/missing')})" in result.stderr
     manifest = out / "manifest.csv"
     assert result.stdout.strip() == (
         f"2 downloaded, 0 skipped (already there), 5 failed; manifest: {manifest}"

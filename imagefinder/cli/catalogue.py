@@ -99,7 +99,7 @@ def download(
         def done(outcome: Outcome) -> None:
             if outcome.status == "failed" and outcome.line not in refused:
                 progress.note(
-                    f"skipping {csv_file}:{outcome.line} ({outcome.url}): {outcome.reason}"
+                    f"skipping {csv_file}:{outcome.line}: {outcome.reason} ({outcome.url})"
                 )
             progress.update(1)
 
