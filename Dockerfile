@@ -50,7 +50,7 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["postgres"]))' > 
 COPY imagefinder ./imagefinder
 COPY main.py download_images.py extract_image_features.py ./
 # The 40 sample photos, to try the image without a catalogue of one's own:
-#   docker exec <container> imagefinder extract --folder /opt/imagefinder/demo --model efficientnet-lite0
+#   docker exec <container> imagefinder extract --folder /opt/imagefinder/demo --model efficientnet-lite2
 COPY assets/demo /opt/imagefinder/demo
 RUN pip install --no-cache-dir --no-deps . \
     && groupadd --system --gid 10001 imagefinder \

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: venv run demo test lint format bench bench-stores loadtest clean
+.PHONY: venv run demo test lint format bench bench-stores bench-quality loadtest clean
 
 $(BIN)/imagefinder: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,10 +21,10 @@ run: venv
 	$(BIN)/python extract_image_features.py --folder data/images
 	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 
-## Offline demo: the sample photos in assets/demo with efficientnet-lite0.
+## Offline demo: the sample photos in assets/demo with efficientnet-lite2.
 demo: venv
-	$(BIN)/python extract_image_features.py --folder assets/demo --db data/demo.db --model efficientnet-lite0
-	IMAGEFINDER_DB=data/demo.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+	$(BIN)/python extract_image_features.py --folder assets/demo --db data/demo-lite2.db --model efficientnet-lite2
+	IMAGEFINDER_DB=data/demo-lite2.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -48,6 +48,10 @@ bench: venv
 ## (--commit refreshes the tracked stores.{json,md}).
 bench-stores: venv
 	$(BIN)/python bench/bench_stores.py
+
+## Every model x αQE x DBA on the dev split, and their search latency; bench/results/quality.*.
+bench-quality: venv
+	$(BIN)/python bench/quality.py --commit
 
 ## 60 s, 8 clients against a live server; bench/results/loadtest-<time>.{json,md}
 ## (--commit refreshes the tracked loadtest.{json,md}).

@@ -13,21 +13,40 @@ from . import network
 from .errors import RemoteError
 
 
-def search(server: str, image: Path, k: int, timeout: float = 60.0) -> dict[str, Any]:
-    """The server's answer to ``POST /similarity-search`` with ``image``: the API's JSON
-    (``{"model", "metric", "results": [{"id", "distance"}]}``). Raises RemoteError, with
-    the server's own code and message when it answered with an error."""
+def search(
+    server: str,
+    *,
+    image: Path | None = None,
+    text: str | None = None,
+    k: int = 3,
+    index: str | None = None,
+    expand: bool | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """The server's answer to ``POST /similarity-search`` with ``image`` (or
+    ``/text-search`` with ``text``): the API's JSON (``{"model", "metric", "results":
+    [{"id", "distance"}]}``). Raises RemoteError, with the server's own code and message
+    when it answered with an error."""
     base = server.rstrip("/")
     if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
         raise RemoteError(
             f"--server {server!r} is not an http(s) URL; for example http://127.0.0.1:8000"
         )
-    url = base + "/similarity-search"
+    form: dict[str, str] = {"k": str(k)}
+    if index:
+        form["index"] = index
+    if expand is not None:
+        form["expand"] = "true" if expand else "false"
+    url = base + ("/text-search" if text is not None else "/similarity-search")
     try:
-        with open(image, "rb") as f:
-            resp = requests.post(
-                url, files={"file": (image.name, f)}, data={"k": str(k)}, timeout=timeout
-            )
+        if text is not None:
+            resp = requests.post(url, data={**form, "q": text}, timeout=timeout)
+        else:
+            assert image is not None
+            with open(image, "rb") as f:
+                resp = requests.post(
+                    url, files={"file": (image.name, f)}, data=form, timeout=timeout
+                )
     except requests.RequestException as e:
         raise RemoteError(f"cannot reach {base}: {network.explain(e, url).message}") from None
     try:

@@ -73,6 +73,12 @@ class ModelUnavailable(ImageFinderError):
     code = "model_unavailable"
 
 
+class TextNotSupported(ImageFinderError):
+    """A text query to an index whose model embeds images only."""
+
+    code = "text_not_supported"
+
+
 class StoreError(ImageFinderError):
     """The index cannot be opened, read or written."""
 
@@ -94,6 +100,12 @@ class NotFound(ImageFinderError):
     (``file_missing``)."""
 
     code = "unknown_id"
+
+
+class UnknownIndex(NotFound):
+    """A request names an index the server does not serve."""
+
+    code = "unknown_index"
 
 
 class Unauthorized(ImageFinderError):

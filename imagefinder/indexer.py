@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from . import augment
 from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
@@ -39,6 +40,8 @@ class Summary:
     skipped: int = 0
     pruned: int = 0
     missing: int = 0
+    # Images whose DBA vectors were recomputed at the end (0: DBA off, or nothing changed).
+    augmented: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -158,14 +161,17 @@ def index_folder(
     prune: bool = False,
     max_pixels: int = 100_000_000,
     select: Callable[[str], bool] | None = None,
+    dba: bool | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> Summary:
     """Embed every new or changed image under ``folder`` into ``store``.
 
-    ``select`` limits the run to some ids (sharding). ``on_*`` callbacks drive
-    the CLI's progress bar without tying this module to click.
+    ``select`` limits the run to some ids (sharding). ``dba`` turns the index's
+    database-side augmentation on or off (None: as it is); while on, the augmented
+    vectors are recomputed at the end whenever the run changed anything (augment.py).
+    ``on_*`` callbacks drive the CLI's progress bar without tying this module to click.
     """
     root = Path(folder)
     summary = Summary()
@@ -177,6 +183,8 @@ def index_folder(
             on_skip(path, reason)
 
     store.ensure_schema(embedder.meta())
+    if dba is not None:
+        augment.set_enabled(store, dba, compute=False)
     candidates, refused = scan(root)
     for refused_path, why in refused:
         skip(refused_path, why)
@@ -197,6 +205,8 @@ def index_folder(
             todo.append(c)
     if on_total:
         on_total(len(todo))
+    if todo or prune:
+        augment.mark_stale(store)  # cleared by the refresh at the end: a crash keeps it
     store.begin_bulk(len(todo))
 
     def prepare(c: Candidate) -> Prepared:
@@ -266,4 +276,9 @@ def index_folder(
     else:
         summary.missing = len(gone)
     store.end_bulk()
+    # This run's own changes too, not only the mark: a shard that finished first may
+    # have cleared the mark this run set.
+    changed = summary.indexed or summary.pruned
+    if augment.enabled(store) and (changed or augment.is_stale(store)):
+        summary.augmented = augment.refresh(store)
     return summary

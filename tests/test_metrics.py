@@ -112,8 +112,8 @@ def test_metrics_count_requests_refusals_batches_and_the_index(indexed, folder):
     assert sample(families, sizes + "_sum") == 3
     assert sample(families, sizes + "_bucket", le="1.0") == 3
     assert sample(families, "imagefinder_inference_queue_depth") == 0
-    assert sample(families, "imagefinder_model_loaded") == 1
-    index = {"index": str(indexed), "model": fake_model.NAME}
+    assert sample(families, "imagefinder_model_loaded", name="default") == 1
+    index = {"name": "default", "index": str(indexed), "model": fake_model.NAME}
     assert sample(families, "imagefinder_index_vectors", **index) == len(COLOURS)
 
 

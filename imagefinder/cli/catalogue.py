@@ -154,8 +154,9 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 )
 @click.option(
     "--weights",
-    help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
-    "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.",
+    help="The model's weights (also $IMAGEFINDER_WEIGHTS). "
+    + "; ".join(f"{spec.name}: {spec.weights_help}" for spec in MODELS.values())
+    + ".",
 )
 @click.option(
     "--precision",
@@ -174,6 +175,12 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 )
 @click.option("--prune", is_flag=True, help="Delete index rows whose files are gone.")
 @click.option("--shard", help="Index only shard i of n (by a stable hash of the id), e.g. 0/4.")
+@click.option(
+    "--dba/--no-dba",
+    default=None,
+    help="Turn database-side augmentation on or off for this index (kept in the index; "
+    "default: as it is, and $IMAGEFINDER_DBA, on, for a new index).",
+)
 def extract(
     folder: str,
     db: str | None,
@@ -184,6 +191,7 @@ def extract(
     workers: int,
     prune: bool,
     shard: str | None,
+    dba: bool | None,
 ) -> None:
     """Embed every image in a folder into the index, incrementally."""
     from ..indexer import calibration_sample, in_shard, index_folder
@@ -195,6 +203,8 @@ def extract(
     store = service.store
     # An index remembers its model and weights: extending it needs neither option.
     name, _ = service.choose_model(model, weights)
+    if dba is None and not store.meta():
+        dba = settings.dba
     click.echo(f"Loading {name} ...", err=True)
     calibration = calibration_sample(folder) if settings.precision == "int8" else ()
     embedder = service.load_writer(model, weights, calibration)
@@ -208,6 +218,7 @@ def extract(
             prune=prune,
             max_pixels=settings.max_pixels,
             select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
+            dba=dba,
             on_total=progress.total,
             on_progress=progress.update,
             on_skip=lambda path, reason: progress.note(f"skipping {path}: {reason}"),
@@ -215,6 +226,8 @@ def extract(
     total = store.count()
     store.close()
     click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
+    if summary.augmented:
+        click.echo(f"DBA: augmented vectors recomputed for {summary.augmented} images", err=True)
     if summary.missing:
         click.echo(
             f"{summary.missing} indexed files no longer exist; run with --prune to remove them",

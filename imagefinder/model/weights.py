@@ -45,6 +45,6 @@ def torchvision_state_dict(enum: Any, model: str) -> dict[str, Any]:
             f"({why}). On a machine with network, download {enum.url} "
             f"and either copy it to {cached} or pass --weights PATH "
             f"(or set IMAGEFINDER_WEIGHTS=PATH). To work fully offline, use "
-            f"--model efficientnet-lite0, whose weights ship with a pip package; "
+            f"--model efficientnet-lite2, whose weights ship with a pip package; "
             f"`make demo` indexes the sample photos with it."
         ) from e

@@ -10,7 +10,8 @@ What it counts:
   (``not_an_image``, ``empty_upload``, ``too_large``, ``too_many_pixels``).
 - ``imagefinder_inference_batch_size`` (a histogram of images per forward) and
   ``imagefinder_inference_queue_depth`` (requests waiting for the model).
-- ``imagefinder_index_vectors{index, model}`` and ``imagefinder_model_loaded``.
+- ``imagefinder_index_vectors{name, index, model}`` and ``imagefinder_model_loaded{name}``,
+  for every index the server serves (``IMAGEFINDER_DB`` may name several).
 
 Access (``IMAGEFINDER_METRICS``): ``token`` (the default) needs the API token, like the
 writes; ``public`` opens it; ``off`` removes the route. Each app has a registry of its
@@ -92,31 +93,40 @@ class ServiceCollector:
         return []  # read at scrape time only (registering must not touch the index)
 
     def collect(self) -> Iterator[Metric]:
-        service = getattr(self.app.state, "service", None)
+        indexes = getattr(self.app.state, "indexes", None)
+        services = list(indexes) if indexes is not None else []
         vectors = GaugeMetricFamily(
-            "imagefinder_index_vectors", "Vectors in the index.", labels=("index", "model")
+            "imagefinder_index_vectors",
+            "Vectors in each index.",
+            labels=("name", "index", "model"),
         )
-        loaded = GaugeMetricFamily("imagefinder_model_loaded", "1 once the model is loaded.")
+        loaded = GaugeMetricFamily(
+            "imagefinder_model_loaded", "1 once the index's model is loaded.", labels=("name",)
+        )
         depth = GaugeMetricFamily(
             "imagefinder_inference_queue_depth", "Requests waiting for the model."
         )
         sizes = HistogramMetricFamily(
             "imagefinder_inference_batch_size", "Images per forward pass of the model."
         )
-        embedder = getattr(service, "embedder", None)
-        if service is not None:
+        counts: dict[int, int] = {}
+        waiting = 0
+        for service in services:
             try:
                 meta = service.store.meta()
                 if meta:
-                    vectors.add_metric(
-                        (service.store.location, meta.get("model", "")), service.store.count()
-                    )
+                    labels = (service.name, service.store.location, meta.get("model", ""))
+                    vectors.add_metric(labels, service.store.count())
             except StoreError:
                 pass  # /health says why; the scrape still answers
-        loaded.add_metric((), 1 if embedder is not None else 0)
-        batcher = getattr(embedder, "batcher", None)
-        depth.add_metric((), batcher.queue_depth() if batcher else 0)
-        counts = batcher.batch_sizes() if batcher else {}
+            batcher = getattr(service.embedder, "batcher", None)
+            loaded.add_metric((service.name,), 1 if service.embedder is not None else 0)
+            if batcher is not None:
+                waiting += batcher.queue_depth()
+                for size, n in batcher.batch_sizes().items():
+                    counts[size] = counts.get(size, 0) + n
+        # Each index's model has its own inference thread: the server's queue is the sum.
+        depth.add_metric((), waiting)
         buckets: list[tuple[str, float]] = []
         for bound in BATCH_BUCKETS:
             buckets.append(

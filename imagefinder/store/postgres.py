@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,8 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
-from .base import FileState, Item, Store, display_location, keyset_pages, new_meta
+from . import pgdba
+from .base import DBA_KEY, FileState, Item, Store, display_location, keyset_pages, new_meta
 from .pgvector import register_vector
 
 IMAGES = "imagefinder_images"
@@ -390,6 +391,48 @@ class PGStore(Store):
             if deleted:
                 conn.execute(f"UPDATE {STATS} SET rows = rows - %s", (deleted,))
         return deleted
+
+    # -- meta and DBA (see pgdba.py) ----------------------------------------
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self._tx() as conn:
+            self._set_meta(conn, key, value)
+
+    def _set_meta(self, conn: psycopg.Connection, key: str, value: str | None) -> None:
+        if value is None:
+            conn.execute(f"DELETE FROM {META} WHERE key = %s", (key,))
+        else:
+            conn.execute(
+                f"INSERT INTO {META} VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (key, value),
+            )
+        # Other processes keep the meta they read (it names the vectors, which never
+        # change): a server sees another process switch DBA on when it restarts.
+        self._meta = self._read_meta(conn)
+
+    def set_dba(self, spec: str | None) -> None:
+        dim = self._dim()
+        with self._tx() as conn:
+            conn.execute(SCHEMA_LOCK)
+            pgdba.drop(conn)
+            if spec is not None:
+                pgdba.create(conn, dim)
+            self._set_meta(conn, DBA_KEY, spec)
+
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        with self._tx() as conn:
+            return pgdba.write(conn, rows) if pgdba.exists(conn) else 0
+
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        with self._tx() as conn:
+            return pgdba.vectors(conn, pgdba.TABLE, ids) if pgdba.exists(conn) else {}
+
+    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not self.meta():
+            return {}
+        with self._tx() as conn:
+            return pgdba.vectors(conn, IMAGES, ids)
 
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least

@@ -7,6 +7,7 @@ Layout (schema version 1):
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
+- ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
 - ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
   per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
 
@@ -20,15 +21,15 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import IndexNotReady, StoreError
-from . import coarse
-from .base import FileState, Item, Store, keyset_pages, new_meta
+from . import coarse, dba
+from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
@@ -295,6 +296,34 @@ class SQLiteStore(Store):
             (_blob(vector), fetch),
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
+
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
+
+    def set_dba(self, spec: str | None) -> None:
+        with self.transaction() as conn:
+            meta = self._read_meta(conn)
+            if not meta:
+                raise StoreError(f"{self.path} is not an index yet")
+            dba.drop(conn)
+            if spec is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (DBA_KEY,))
+            else:
+                dba.create(conn, int(meta["dim"]))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (DBA_KEY, spec))
+
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        with self.transaction() as conn:
+            if not dba.exists(conn):
+                return 0
+            return dba.write(conn, ((i, _blob(v)) for i, v in rows))
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def search_mode(self) -> str:
         """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
