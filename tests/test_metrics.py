@@ -61,10 +61,10 @@ def scrape(client: TestClient, **headers) -> dict:
     return {f.name: f for f in text_string_to_metric_families(response.text)}
 
 
-def sample(families: dict, name: str, **labels) -> float:
-    """The value of the one sample of ``name`` with exactly these labels (0 if none)."""
-    family = families[re.sub(r"_(total|count|sum|bucket)$", "", name)]
-    found = [s.value for s in family.samples if s.name == name and s.labels == labels]
+def sample(families: dict, metric: str, **labels) -> float:
+    """The value of the one sample of ``metric`` with exactly these labels (0 if none)."""
+    family = families[re.sub(r"_(total|count|sum|bucket)$", "", metric)]
+    found = [s.value for s in family.samples if s.name == metric and s.labels == labels]
     assert len(found) <= 1
     return found[0] if found else 0.0
 
