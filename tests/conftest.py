@@ -1,7 +1,7 @@
 """Fixtures shared across the suite. Everything is real: SQLite files in tmp dirs,
 images made with PIL or read from ../shared/data, a real PostgreSQL. The model is the
-deterministic fake (``fake_model.py``) wherever the model is not the point, and the
-real efficientnet-lite0 where quality or the model itself is."""
+deterministic fake (``fake_model.py``) wherever the model is not the point, and a real
+one (efficientnet-lite0/lite2, resnet50) where quality or the model itself is."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def caltech_dir() -> Path:
 
 
 def extract_caltech(db: Path, caltech_dir: Path, model_name: str) -> Path:
-    """The Caltech photos indexed at ``db`` through the real extract command."""
+    """The Caltech photos indexed at ``db`` through the real extract command, with its
+    defaults (DBA on)."""
     from click.testing import CliRunner
 
     from imagefinder.cli import cli
@@ -55,10 +56,11 @@ def caltech_index(tmp_path_factory, caltech_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def caltech_lite0_index(tmp_path_factory, caltech_dir) -> Path:
-    """The Caltech photos indexed with the real efficientnet-lite0: for retrieval quality."""
-    db = tmp_path_factory.mktemp("caltech-lite0") / "caltech.db"
-    return extract_caltech(db, caltech_dir, "efficientnet-lite0")
+def caltech_lite2_index(tmp_path_factory, caltech_dir) -> Path:
+    """The Caltech photos indexed with efficientnet-lite2, the best offline model: for
+    retrieval quality."""
+    db = tmp_path_factory.mktemp("caltech-lite2") / "caltech.db"
+    return extract_caltech(db, caltech_dir, "efficientnet-lite2")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """PostgreSQL end to end on the real Caltech photos: two extraction shards running at
 once into one database (the ``caltech_index_pg`` fixture, with the tests' fake model),
 then two API workers sharing that database answer every photo's neighbour query over
-HTTP exactly as a brute-force search over the stored vectors does."""
+HTTP exactly as an in-process search that scans every vector does."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import fake_model
-import numpy as np
 import psycopg
 import pytest
 import requests
 from support import LiveServer
 
+from imagefinder.config import Settings
 from imagefinder.indexer import file_id, in_shard, scan
+from imagefinder.query import SearchOptions
+from imagefinder.service import Service
 from imagefinder.store import open_store
 from imagefinder.store.postgres import HNSW
 
@@ -45,33 +47,24 @@ def test_two_shards_at_once_index_every_image_exactly_once(caltech_index_pg, cal
         assert found.fetchone(), "the HNSW index is built once the shards are done"
 
 
-def exact_neighbours(url: str, k: int) -> dict[str, list[tuple[str, float]]]:
-    """Each image's ``k`` nearest others by brute force over its stored vectors, in
-    float64 here in the test: what an exact search must answer."""
-    store = open_store(url)
+def exact_answers(url: str, ids: list[str], k: int) -> dict[str, list[tuple[str, float]]]:
+    """Each image's ``k`` similar images as the service answers in-process when told to
+    scan every vector (``exact``) instead of asking the HNSW index for candidates; the
+    server's other defaults (DBA, αQE) alike."""
+    service = Service(Settings(db=url, exact=True))
     try:
-        rows = [(i, v) for chunk in store.iter_vectors() for i, _, v in chunk]
+        return {own: service.search_id(own, SearchOptions(k=k)) for own in ids}
     finally:
-        store.close()
-    ids = [i for i, _ in rows]
-    vectors = np.stack([v for _, v in rows]).astype(np.float64)
-    squared = (vectors**2).sum(1)
-    distances = np.sqrt(np.maximum(squared[:, None] + squared[None] - 2 * vectors @ vectors.T, 0))
-    np.fill_diagonal(distances, np.inf)
-    out = {}
-    for row, own in enumerate(ids):
-        order = sorted(range(len(ids)), key=lambda j: (distances[row, j], ids[j]))[:k]
-        out[own] = [(ids[j], float(distances[row, j])) for j in order]
-    return out
+        service.close()
 
 
 def test_two_api_workers_on_one_database_answer_as_an_exact_search(caltech_index_pg, caltech_dir):
     """`uvicorn main:app --workers 2` on the PostgreSQL index, through its HNSW index:
-    every photo's 3 neighbours (itself excluded), asked 4 at a time of whichever worker
-    takes the request, are the ones an exact search over the stored vectors finds; and
-    one uploaded photo per class finds itself first."""
+    every photo's 3 similar images (itself excluded), asked 4 at a time of whichever
+    worker takes the request, are the ones an exact in-process search finds, in the same
+    order; and one uploaded photo per class finds itself first."""
     photos = sorted(caltech_dir.glob("*/*.jpg"))
-    exact = exact_neighbours(caltech_index_pg.url, 3)
+    exact = exact_answers(caltech_index_pg.url, [f"{p.parent.name}/{p.stem}" for p in photos], 3)
     env = {"IMAGEFINDER_DB": caltech_index_pg.url, "IMAGEFINDER_THREADS": "1"}
     with LiveServer(env, workers=2, fake_model=True) as server:
         health = requests.get(server.url + "/health", timeout=10).json()
@@ -106,8 +99,5 @@ def test_two_api_workers_on_one_database_answer_as_an_exact_search(caltech_index
     assert top == [f"{p.parent.name}/{p.stem}" for p in first_of_class]
     assert len(found) == 500
     for own, results in found:
-        expected = exact[own]
-        assert [d for _, d in results] == pytest.approx([d for _, d in expected], abs=1e-5), own
-        # The same ids, in the same order; only a tie (equal in float32) may swap two.
-        for (got, got_d), (want, want_d) in zip(results, expected, strict=True):
-            assert got == want or got_d == pytest.approx(want_d, abs=1e-5), (own, results)
+        assert [i for i, _ in results] == [i for i, _ in exact[own]], own
+        assert [d for _, d in results] == pytest.approx([d for _, d in exact[own]], abs=1e-5)

@@ -7,6 +7,7 @@ Layout (schema version 1):
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
+- ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
 - ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
   per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
 
@@ -20,20 +21,20 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
-from . import coarse
-from .base import FileState, Item, Store, keyset_pages, new_meta
+from ..errors import IndexNotReady, StoreError
+from . import coarse, dba
+from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
-# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
+# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
+# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
 DEFAULT_CANDIDATES = 100
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
@@ -105,8 +106,12 @@ class SQLiteStore(Store):
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
+        create: bool = True,
     ):
         self.path = Path(path)
+        # False for commands that only read: a mistyped path must not leave an empty
+        # index file (and its folder) behind.
+        self.create = create
         # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
         # always scans every float vector. Writes: the coarse table exists while the
         # index holds at least ``fast_min_rows`` vectors.
@@ -128,6 +133,9 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_path()
+            if not self.create and not self.path.exists():
+                raise IndexNotReady(f"there is no index at {self.path}")
             if not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -146,7 +154,15 @@ class SQLiteStore(Store):
 
     # -- schema and meta -------------------------------------------------
 
+    def _check_path(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not an index file; "
+                f"name the file, for example {self.path / 'imagefinder.db'}"
+            )
+
     def meta(self) -> dict[str, str]:
+        self._check_path()
         if not self.path.is_file():
             return {}
         meta = self._read_meta()
@@ -280,6 +296,34 @@ class SQLiteStore(Store):
             (_blob(vector), fetch),
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
+
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
+
+    def set_dba(self, spec: str | None) -> None:
+        with self.transaction() as conn:
+            meta = self._read_meta(conn)
+            if not meta:
+                raise StoreError(f"{self.path} is not an index yet")
+            dba.drop(conn)
+            if spec is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (DBA_KEY,))
+            else:
+                dba.create(conn, int(meta["dim"]))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (DBA_KEY, spec))
+
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        with self.transaction() as conn:
+            if not dba.exists(conn):
+                return 0
+            return dba.write(conn, ((i, _blob(v)) for i, v in rows))
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def search_mode(self) -> str:
         """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
