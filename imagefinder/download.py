@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from . import __version__
+from . import __version__, network
 from .catalog import Row, printable, spreadsheet_safe, url_problem
 from .config import DEFAULT_MAX_PIXELS
 from .errors import ImageError
@@ -58,18 +58,33 @@ class Outcome:
     reason: str = ""
     path: str = ""
     bytes: int = 0
+    # For a network failure, its kind (network.DNS, REFUSED, ...): the summary of a run
+    # where every row failed names the common cause.
+    cause: str = ""
 
 
-class _Permanent(Exception):
+class _Failure(Exception):
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause  # a network.* kind, for network failures
+
+
+class _Permanent(_Failure):
     """A failure that retrying will not fix."""
 
 
-class _Transient(Exception):
+class _Transient(_Failure):
     """A failure worth retrying (timeouts, connection resets, 5xx, 429)."""
 
 
 class _OutOfTime(Exception):
     """The file's deadline passed."""
+
+
+def _network_failure(exc: BaseException, url: str) -> _Failure:
+    failure = network.explain(exc, url)
+    kind = _Transient if failure.retry else _Permanent
+    return kind(failure.message, failure.kind)
 
 
 class Downloader:
@@ -79,6 +94,11 @@ class Downloader:
         self.guard = Guard(self.options.allow_private)
         self._local = threading.local()
         self._present: set[str] | None = None  # the output folder's names, when known
+        # Host -> (DNS failures, message). A catalogue names a few hosts many times: once a
+        # name proved unresolvable (or the resolver stayed silent through every retry of
+        # it), its other rows fail at once, so an offline run ends in seconds rather than
+        # minutes of lookups and backoff.
+        self._dns_failures: dict[str, tuple[float, str]] = {}
 
     @property
     def session(self) -> requests.Session:
@@ -142,8 +162,14 @@ class Downloader:
         return [outcomes[row.line] for row in rows]
 
     def fetch_row(self, row: Row) -> Outcome:
-        def out(status: str, reason: str = "", path: Path | None = None, size: int = 0) -> Outcome:
-            return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size)
+        def out(
+            status: str,
+            reason: str = "",
+            path: Path | None = None,
+            size: int = 0,
+            cause: str = "",
+        ) -> Outcome:
+            return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size, cause)
 
         if row.problem:
             return out("failed", row.problem)
@@ -176,11 +202,11 @@ class Downloader:
             except _OutOfTime:
                 return out("failed", f"not done within the {self.options.deadline:g} s deadline")
             except _Permanent as e:
-                return out("failed", str(e))
+                return out("failed", str(e), cause=e.cause)
             except _Transient as e:
                 attempt += 1
                 if attempt > self.options.retries:
-                    return out("failed", f"{e} (after {attempt} attempts)")
+                    return out("failed", f"{e} (after {attempt} attempts)", cause=e.cause)
                 delay = self.options.backoff * 2 ** (attempt - 1) * (0.5 + random.random())
                 time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             except Exception as e:  # never let one row kill the run
@@ -194,16 +220,25 @@ class Downloader:
             problem = url_problem(url)
             if problem:
                 raise _Permanent(f"redirected to a refused url: {problem}")
+            host = urlsplit(url).hostname or ""
+            failures, message = self._dns_failures.get(host, (0, ""))
+            if failures > self.options.retries:
+                raise _Permanent(f"{message} (as before in this run)", network.DNS)
             try:
                 # An address written in the URL needs no DNS: refused without a request.
-                self.guard.check_literal(urlsplit(url).hostname or "")
+                self.guard.check_literal(host)
                 resp = self.session.get(url, stream=True, timeout=timeout, allow_redirects=False)
             except (requests.Timeout, requests.ConnectionError, PrivateAddress) as e:
                 refused = refusal_in(e)
                 if refused is not None:
                     where = f"redirected to {url}: " if hop else ""
                     raise _Permanent(f"{where}{refused}") from e
-                raise _Transient(f"network error: {type(e).__name__}") from e
+                failure = _network_failure(e, url)
+                if failure.cause == network.DNS:
+                    permanent = isinstance(failure, _Permanent)
+                    count = float("inf") if permanent else failures + 1
+                    self._dns_failures[host] = (count, str(failure))
+                raise failure from e
             except requests.RequestException as e:
                 raise _Permanent(f"request failed: {e}") from e
             if resp.is_redirect:
@@ -241,8 +276,9 @@ class Downloader:
                     except (requests.RequestException, OSError) as e:
                         if isinstance(e, OSError) and not isinstance(e, requests.RequestException):
                             raise _Permanent(f"cannot write: {e}") from e
+                        failure = network.explain(e, row.url)
                         raise _Transient(
-                            f"connection broke mid-download: {type(e).__name__}"
+                            f"download broke off: {failure.message}", failure.kind
                         ) from e
                     f.flush()
                     os.fsync(f.fileno())

@@ -63,9 +63,12 @@ class Summary:
 @dataclass(frozen=True)
 class Candidate:
     id: str
-    path: Path
+    path: Path  # absolute: what the index records
     size: int
     mtime_ns: int
+    # As found under the folder the user named (relative if it was): what messages show,
+    # so every skip line of a run names its file the same way.
+    shown: str = ""
 
 
 def file_id(path: Path, root: Path) -> str:
@@ -114,7 +117,9 @@ def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
             except OSError as e:
                 refused.append((str(path), e.strerror or str(e)))
                 continue
-            found[image_id] = Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns)
+            found[image_id] = Candidate(
+                image_id, path.resolve(), st.st_size, st.st_mtime_ns, str(path)
+            )
     return list(found.values()), refused
 
 
@@ -191,6 +196,10 @@ def index_folder(
     if select is not None:
         candidates = [c for c in candidates if select(c.id)]
     known = store.file_states()
+    # Ids whose rows this run rewrote: the snapshot in ``known`` still shows their old
+    # file, which may be gone because another file (a.png replacing a.jpg) took over the
+    # id; such a row is current, not an orphan to report or prune.
+    rewritten: set[str] = set()
 
     todo: list[Candidate] = []
     for c in candidates:
@@ -235,6 +244,7 @@ def index_folder(
         )
         summary.indexed += written
         summary.kept += len(batch) - written
+        rewritten.update(c.id for c, _, _ in batch)
         if on_progress:
             on_progress(len(batch))
         batch.clear()
@@ -250,7 +260,7 @@ def index_folder(
             prepared = _chunked_map(prepare, todo, pool, batch_size)
         for c, digest, tensor, reason in prepared:
             if reason is not None:
-                skip(str(c.path), reason)
+                skip(c.shown or str(c.path), reason)
                 if on_progress:
                     on_progress(1)
             elif tensor is None:  # same content, new path or mtime
@@ -258,6 +268,7 @@ def index_folder(
                     summary.unchanged += 1
                 else:
                     summary.kept += 1
+                rewritten.add(c.id)
                 if on_progress:
                     on_progress(1)
             else:
@@ -269,7 +280,9 @@ def index_folder(
 
     # A shard judges only its own ids: another machine may mount the folder elsewhere.
     gone = [
-        i for i, s in known.items() if (select is None or select(i)) and not Path(s.path).exists()
+        i
+        for i, s in known.items()
+        if i not in rewritten and (select is None or select(i)) and not Path(s.path).exists()
     ]
     if prune and gone:
         # Only rows still as scanned: one the API replaced meanwhile points at a new file.

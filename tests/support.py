@@ -122,7 +122,7 @@ class LiveServer:
             cwd=ROOT,
             env=full_env,
             stdout=self.log,
-            stderr=self.log,
+            stderr=subprocess.STDOUT if self.log else None,
             preexec_fn=limit_open_files if open_files else None,
         )
         self.wait_ready()

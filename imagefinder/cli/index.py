@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..model.registry import MODELS
-from .base import command, db_option, load_settings
+from .base import command, db_option, load_settings, open_index
+from .progress import Progress
 
 
 @command()
@@ -19,6 +19,12 @@ from .base import command, db_option, load_settings
 @db_option
 @click.option(
     "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a running server (e.g. http://127.0.0.1:8000) instead of loading the "
+    "model here: no torch import, no weights to load.",
 )
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
@@ -34,25 +40,57 @@ def search(
     text: str | None,
     db: str | None,
     index: str | None,
+    server: str | None,
     k: int,
     expand: bool | None,
     as_json: bool,
 ) -> None:
     """Find the indexed images nearest to IMAGE, or best matching --text."""
-    from ..query import SearchOptions
-    from ..service import Indexes
-
     if (image is None) == (text is None):
         raise click.UsageError("give either an IMAGE or --text, not both or neither")
-    service = Indexes(load_settings(db=db)).get(index)
-    options = SearchOptions(k=k, expand=expand)
-    if text is not None:
-        results = service.search_text(text, options)
+    if server:
+        if db:
+            raise click.UsageError(
+                "--db and --server exclude each other: a server searches its own indexes"
+            )
+        from ..client import search as ask_server
+
+        body = ask_server(
+            server,
+            image=Path(image) if image is not None else None,
+            text=text,
+            k=k,
+            index=index,
+            expand=expand,
+        )
+        results = [(str(r["id"]), float(r["distance"])) for r in body["results"]]
     else:
-        assert image is not None
-        results = service.search_bytes(Path(image).read_bytes(), options)
+        from ..query import SearchOptions
+        from ..service import Indexes, Service
+        from ..store import open_store
+
+        settings = load_settings(db=db)
+        # Only reading: a mistyped --db must not leave an empty index behind.
+        services = [
+            Service(
+                settings,
+                open_store(location, ef_search=settings.ef_search, exact=settings.exact,
+                           create=False),
+                name=name,
+                location=location,
+            )
+            for name, location in settings.indexes
+        ]  # fmt: skip
+        service = Indexes(settings, services).get(index)
+        options = SearchOptions(k=k, expand=expand)
+        if text is not None:
+            results = service.search_text(text, options)
+        else:
+            assert image is not None
+            results = service.search_bytes(Path(image).read_bytes(), options)
+        body = service.response(results)
     if as_json:
-        click.echo(json.dumps(service.response(results), indent=2))
+        click.echo(json.dumps(body, indent=2))
     else:
         for image_id, distance in results:
             click.echo(f"{distance:.4f}  {image_id}")
@@ -64,16 +102,10 @@ def search(
 def info(db: str | None, as_json: bool) -> None:
     """Show what an index holds: model, dimension, metric, count."""
     from ..model.registry import embeds_text
-    from ..store import open_store
 
     settings = load_settings(db=db)
-    store = open_store(settings.location)
+    store = open_index(settings.location, settings)
     meta = store.meta()
-    if not meta:
-        raise click.ClickException(
-            f"{store.location} is not an index yet; build one with: "
-            f"imagefinder extract --folder DIR --db {store.location}"
-        )
     data = {
         "index": store.location,
         "vectors": store.count(),
@@ -119,18 +151,22 @@ def evaluate(folder: str, db: str | None, models: tuple[str, ...], k: int, as_js
     from ..evaluate import evaluate_models
 
     settings = load_settings(db=db)
-    bars: list[Any] = []
+    if not models:
+        open_index(settings.location, settings).close()  # a mistyped --db: one line, no file
+    bars: list[Progress] = []
 
     def on_model(name: str, total: int) -> Any:
         for bar in bars:
-            bar.render_finish()
-        bar = click.progressbar(length=total, label=f"Embedding with {name}", file=sys.stderr)
+            bar.__exit__(None, None, None)
+        bar = Progress(f"Embedding with {name}", total).__enter__()
         bars.append(bar)
         return bar.update
 
-    rows = evaluate_models(settings, folder, models, k, on_model=on_model)
-    for bar in bars:
-        bar.render_finish()
+    try:
+        rows = evaluate_models(settings, folder, models, k, on_model=on_model)
+    finally:
+        if bars:
+            bars[-1].__exit__(None, None, None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -163,15 +199,10 @@ def copy(src: str, dst: str, batch_size: int) -> None:
     from ..store import open_store
     from ..store.transfer import copy_index
 
-    source, target = open_store(src), open_store(dst)
-    bar: Any
-    with click.progressbar(length=0, label="Copying", file=sys.stderr) as bar:
-
-        def on_total(n: int) -> None:
-            bar.length = n
-
+    source, target = open_index(src), open_store(dst)
+    with Progress("Copying") as progress:
         copied = copy_index(
-            source, target, batch=batch_size, on_total=on_total, on_progress=bar.update
+            source, target, batch=batch_size, on_total=progress.total, on_progress=progress.update
         )
     total = target.count()
     source.close()
@@ -220,16 +251,22 @@ def serve(
     import uvicorn
 
     from ..server.app import create_app, raise_file_limit
+    from ..server.logs import uvicorn_log_config
     from ..server.protocol import GuardedH11Protocol, connection_budget
 
     raise_file_limit()  # first: the connection cap is derived from it
     cap, backlog = connection_budget()
     protocol = GuardedH11Protocol.configured(timeout_headers, max_connections or cap)
+    settings = load_settings(db=db)
+    # uvicorn's lines in the configured format; its access log gives way to the request
+    # line of server/observe.py.
     uvicorn.run(
-        create_app(load_settings(db=db)),
+        create_app(settings),
         host=host,
         port=port,
         http=protocol,
         timeout_keep_alive=timeout_keep_alive,
         backlog=backlog,
+        log_config=uvicorn_log_config(settings),
+        access_log=False,
     )

@@ -27,7 +27,7 @@ from ..config import Settings
 from ..errors import Busy, ImageFinderError
 from ..redact import redact
 from ..service import Indexes, Service
-from . import browse, docs, health, search, writes
+from . import browse, docs, health, observe, search, writes
 from .decoders import Decoders
 from .deps import error_response
 from .gate import Gate
@@ -49,6 +49,7 @@ STATUS = {
     "invalid_catalog": 400,
     "unauthorized": 401,
     "writes_disabled": 403,
+    "metrics_disabled": 403,
     "unknown_id": 404,
     "file_missing": 404,
     "not_found": 404,
@@ -67,6 +68,7 @@ STATUS = {
     "invalid_setting": 503,
     "busy": 503,
     "request_timeout": 408,
+    "remote_error": 502,  # raised by the CLI's HTTP client, never by a route
 }
 
 
@@ -301,5 +303,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         grace=settings.body_timeout,
         min_rate=BODY_MIN_RATE,
     )
+    # Request ids, one log line per request, /metrics (observe.py, logs.py, metrics.py).
+    observe.install(app, settings)
     app.add_middleware(SecurityHeaders)  # outermost: on every answer, errors included
     return app

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..config import Settings
+from ..files import new_temp
 from ..images import load_rgb
 from ..store import FileState, Store
 
@@ -82,7 +82,7 @@ def thumbnail(
     img.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename: concurrent requests for one image never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".jpg")
+    fd, tmp = new_temp(cache, ".tmp-", ".jpg")
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, "JPEG", quality=QUALITY, optimize=True)

@@ -60,6 +60,10 @@ SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
 # The API's per-id write lock (see write_lock).
 WRITE_LOCK = "SELECT pg_advisory_lock(hashtext('imagefinder.write'), hashtext(%s))"
 WRITE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('imagefinder.write'), hashtext(%s))"
+TABLE_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE c.relname = %s AND n.nspname = ANY (current_schemas(false)))"
+)
 
 
 def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
@@ -160,21 +164,13 @@ class PGStore(Store):
     # -- schema and meta -------------------------------------------------
 
     def _read_meta(self, conn: psycopg.Connection) -> dict[str, str]:
-        if _scalar(conn, "SELECT to_regclass(%s)", (META,)) is None:
+        # pg_class read as a table, not through to_regclass: to_regclass takes no lock, so
+        # it may answer from a stale cache entry saying "no such table" after another
+        # process created the index while this one waited for SCHEMA_LOCK (two shards
+        # starting at once then both created it: duplicate key in imagefinder_meta).
+        if not _scalar(conn, TABLE_EXISTS, (META,)):
             return {}
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
-
-    def _read_meta_locked(self, conn: psycopg.Connection) -> dict[str, str]:
-        """The meta as committed right now, read under the schema lock. Not through
-        ``to_regclass``: a name lookup takes no lock, so it may answer from a catalog cache
-        that has not yet heard of the table another process created a moment ago (two
-        extractions starting at once then both created the index). A SELECT locks the
-        table, which brings the cache up to date."""
-        try:
-            with conn.transaction():  # a savepoint: a missing table must not end the outer one
-                return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
-        except psycopg.errors.UndefinedTable:
-            return {}
 
     def meta(self) -> dict[str, str]:
         # An index's meta never changes once written: read it once, then serve it from
@@ -192,7 +188,7 @@ class PGStore(Store):
         """Create the index for ``identity`` (model meta), or check it matches."""
         with self._tx() as conn:
             conn.execute(SCHEMA_LOCK)
-            existing = self._read_meta_locked(conn)
+            existing = self._read_meta(conn)
             if existing:
                 self.check_existing(existing, identity)
                 self._meta = self._migrate(conn, existing)
@@ -529,7 +525,7 @@ class PGStore(Store):
             return
         with self._tx() as conn:
             conn.execute(SCHEMA_LOCK)
-            if _scalar(conn, "SELECT to_regclass(%s)", (HNSW,)) is not None:
+            if _scalar(conn, TABLE_EXISTS, (HNSW,)):
                 return
             conn.execute(f"SET LOCAL maintenance_work_mem = '{self.build_memory}'")
             conn.execute(self._create_index_sql(self._dim()))

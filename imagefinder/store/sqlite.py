@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import IndexNotReady, StoreError
 from . import coarse, dba
 from .base import (
     DBA_KEY,
@@ -42,8 +42,8 @@ from .base import (
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
-# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
+# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
+# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
 DEFAULT_CANDIDATES = 100
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
@@ -115,8 +115,12 @@ class SQLiteStore(Store):
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
+        create: bool = True,
     ):
         self.path = Path(path)
+        # False for commands that only read: a mistyped path must not leave an empty
+        # index file (and its folder) behind.
+        self.create = create
         # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
         # always scans every float vector. Writes: the coarse table exists while the
         # index holds at least ``fast_min_rows`` vectors.
@@ -138,6 +142,9 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_path()
+            if not self.create and not self.path.exists():
+                raise IndexNotReady(f"there is no index at {self.path}")
             if not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -156,7 +163,15 @@ class SQLiteStore(Store):
 
     # -- schema and meta -------------------------------------------------
 
+    def _check_path(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not an index file; "
+                f"name the file, for example {self.path / 'imagefinder.db'}"
+            )
+
     def meta(self) -> dict[str, str]:
+        self._check_path()
         if not self.path.is_file():
             return {}
         meta = self._read_meta()
