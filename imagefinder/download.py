@@ -117,8 +117,10 @@ class Downloader:
         self,
         rows: Iterable[Row],
         on_done: Callable[[Outcome], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> list[Outcome]:
-        """Fetch every row; outcomes come back in CSV order."""
+        """Fetch every row; outcomes come back in CSV order. Once ``stop`` is set no
+        new row starts (those in flight finish) and only the rows fetched come back."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         sweep_temp_files(self.output_dir)
         rows = list(rows)
@@ -135,7 +137,7 @@ class Downloader:
             try:
                 while True:
                     with lock:
-                        row = next(todo, None)
+                        row = None if stop is not None and stop.is_set() else next(todo, None)
                     if row is None:
                         return
                     results.put(self.fetch_row(row))
@@ -159,7 +161,7 @@ class Downloader:
                 outcomes[item.line] = item
                 if on_done:
                     on_done(item)
-        return [outcomes[row.line] for row in rows]
+        return [outcomes[row.line] for row in rows if row.line in outcomes]
 
     def fetch_row(self, row: Row) -> Outcome:
         def out(

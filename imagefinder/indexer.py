@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
+from PIL.Image import Image as PILImage
 
 from . import augment
 from .config import DEFAULT_MAX_PIXELS
@@ -25,7 +27,7 @@ from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
 from .model.embedder import Embedder
-from .store import Item, Store
+from .store import FileState, Item, Store
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,6 +48,10 @@ class Summary:
     # Images whose DBA vectors were recomputed at the end (0: DBA off, or nothing changed).
     augmented: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped += 1
+        self.problems.append((item, reason))
 
     def line(self) -> str:
         parts = [
@@ -155,6 +161,142 @@ def _chunked_map(
         yield from pool.map(fn, items[start : start + chunk])
 
 
+class States(Protocol):
+    """What a writer knows of the index before it writes: id -> the row's state."""
+
+    def get(self, image_id: str, /) -> FileState | None: ...
+
+
+class LiveStates:
+    """Each id's state read from the store when first asked (a stream of files has no
+    scan to snapshot them from), then remembered."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._seen: dict[str, FileState | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, image_id: str, /) -> FileState | None:
+        with self._lock:
+            if image_id in self._seen:
+                return self._seen[image_id]
+        state = self.store.file_state(image_id)
+        with self._lock:
+            return self._seen.setdefault(image_id, state)
+
+
+class Writer:
+    """Files -> rows, idempotent per id and content hash: a file whose row records the
+    same path, size and mtime, or the same content, is not embedded again. New content
+    is embedded a batch at a time and written compare-and-set against ``known`` (the
+    state each row had when this run looked), so a newer write by another writer (the
+    API) wins. ``extract`` and ``ingest`` both write through one."""
+
+    def __init__(
+        self,
+        store: Store,
+        embedder: Embedder,
+        known: States,
+        summary: Summary,
+        batch_size: int = 8,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        on_progress: Callable[[int], None] | None = None,
+        on_skip: Callable[[str, str], None] | None = None,
+        load: Callable[[Path, int, int | None], PILImage] = load_rgb,
+    ):
+        self.store = store
+        self.embedder = embedder
+        self.known = known
+        self.summary = summary
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.on_progress = on_progress
+        self.on_skip = on_skip
+        self.load = load
+        # Ids whose rows this run rewrote: a snapshot in ``known`` still shows their old
+        # file, which may be gone because another file (a.png replacing a.jpg) took over
+        # the id; such a row is current, not an orphan to report or prune.
+        self.rewritten: set[str] = set()
+        self.batch: list[tuple[Candidate, str, torch.Tensor]] = []
+
+    def prepare(self, c: Candidate) -> Prepared:
+        """Hash, decide, decode, preprocess (thread-safe: runs in decode workers)."""
+        try:
+            state = self.known.get(c.id)
+            if state and (state.path, state.size, state.mtime_ns) == (
+                str(c.path),
+                c.size,
+                c.mtime_ns,
+            ):
+                return c, state.sha256, None, None
+            digest = sha256_file(c.path)
+            if state and state.sha256 == digest:
+                return c, digest, None, None
+            img = self.load(c.path, self.max_pixels, self.embedder.min_side)
+            return c, digest, self.embedder.preprocess(img), None
+        except (ImageError, OSError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return c, None, None, reason
+
+    def add(self, prepared: Prepared) -> None:
+        """Take one prepared file: skip it, record it unchanged, or batch it for the model."""
+        c, digest, tensor, reason = prepared
+        if reason is not None:
+            self.summary.skip(c.shown or str(c.path), reason)
+            if self.on_skip:
+                self.on_skip(c.shown or str(c.path), reason)
+            self._progress(1)
+        elif tensor is None:  # same content (maybe a new path or mtime)
+            state = self.known.get(c.id)
+            assert state is not None  # no tensor without a row of the same content
+            same_file = (state.path, state.size, state.mtime_ns) == (
+                str(c.path),
+                c.size,
+                c.mtime_ns,
+            )
+            if same_file or self.store.touch(c.id, str(c.path), c.size, c.mtime_ns, expected=state):
+                self.summary.unchanged += 1
+            else:
+                self.summary.kept += 1
+            self.rewritten.add(c.id)
+            self._progress(1)
+        else:
+            assert digest is not None  # every tensor comes with its file's hash
+            self.batch.append((c, digest, tensor))
+            if len(self.batch) >= self.batch_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Embed and write the batched files."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        vectors = self.embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
+        # Conditional on each row being as this run saw it: an image the API replaced or
+        # deleted meanwhile is newer than this run's view, and wins.
+        written = self.store.upsert(
+            (
+                Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
+                for (c, digest, _), v in zip(batch, vectors, strict=True)
+            ),
+            expected={c.id: self.known.get(c.id) for c, _, _ in batch},
+        )
+        self.summary.indexed += written
+        self.summary.kept += len(batch) - written
+        self.rewritten.update(c.id for c, _, _ in batch)
+        self._progress(len(batch))
+
+    def _progress(self, n: int) -> None:
+        if self.on_progress:
+            self.on_progress(n)
+
+
+def candidate(path: Path, image_id: str, shown: str = "") -> Candidate:
+    """One file as a candidate (raises OSError when it cannot be read)."""
+    st = path.stat()
+    return Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns, shown or str(path))
+
+
 def index_folder(
     folder: str | Path,
     store: Store,
@@ -182,8 +324,7 @@ def index_folder(
     summary = Summary()
 
     def skip(path: str, reason: str) -> None:
-        summary.skipped += 1
-        summary.problems.append((path, reason))
+        summary.skip(path, reason)
         if on_skip:
             on_skip(path, reason)
 
@@ -196,11 +337,6 @@ def index_folder(
     if select is not None:
         candidates = [c for c in candidates if select(c.id)]
     known = store.file_states()
-    # Ids whose rows this run rewrote: the snapshot in ``known`` still shows their old
-    # file, which may be gone because another file (a.png replacing a.jpg) took over the
-    # id; such a row is current, not an orphan to report or prune.
-    rewritten: set[str] = set()
-
     todo: list[Candidate] = []
     for c in candidates:
         state = known.get(c.id)
@@ -214,69 +350,20 @@ def index_folder(
         augment.mark_stale(store)  # cleared by the refresh at the end: a crash keeps it
     store.begin_bulk(len(todo))
 
-    def prepare(c: Candidate) -> Prepared:
-        """Runs in a worker: hash, decide, decode, preprocess."""
-        try:
-            digest = sha256_file(c.path)
-            state = known.get(c.id)
-            if state and state.sha256 == digest:
-                return c, digest, None, None
-            img = load_rgb(c.path, max_pixels, min_side=embedder.min_side)
-            return c, digest, embedder.preprocess(img), None
-        except (ImageError, OSError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            return c, None, None, reason
-
-    batch: list[tuple[Candidate, str, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        vectors = embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
-        # Conditional on each row being as the scan saw it: an image the API replaced or
-        # deleted meanwhile is newer than this run's view, and wins.
-        written = store.upsert(
-            (
-                Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
-                for (c, digest, _), v in zip(batch, vectors, strict=True)
-            ),
-            expected={c.id: known.get(c.id) for c, _, _ in batch},
-        )
-        summary.indexed += written
-        summary.kept += len(batch) - written
-        rewritten.update(c.id for c, _, _ in batch)
-        if on_progress:
-            on_progress(len(batch))
-        batch.clear()
-
+    writer = Writer(store, embedder, known, summary, batch_size, max_pixels, on_progress, on_skip)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
         # By default the workers decode a batch, then the model runs alone. Decoding
         # beside a forward that already uses every core preempts its threads, and each
         # layer then waits for the slowest one: on 2 cores that doubled the forward's
         # time (ResNet50, 12 MP JPEGs), far more than the decoding it hid.
         if overlap:
-            prepared = _bounded_map(prepare, todo, pool, ahead=batch_size * 2 + workers)
+            prepared = _bounded_map(writer.prepare, todo, pool, ahead=batch_size * 2 + workers)
         else:
-            prepared = _chunked_map(prepare, todo, pool, batch_size)
-        for c, digest, tensor, reason in prepared:
-            if reason is not None:
-                skip(c.shown or str(c.path), reason)
-                if on_progress:
-                    on_progress(1)
-            elif tensor is None:  # same content, new path or mtime
-                if store.touch(c.id, str(c.path), c.size, c.mtime_ns, expected=known[c.id]):
-                    summary.unchanged += 1
-                else:
-                    summary.kept += 1
-                rewritten.add(c.id)
-                if on_progress:
-                    on_progress(1)
-            else:
-                assert digest is not None  # every tensor comes with its file's hash
-                batch.append((c, digest, tensor))
-                if len(batch) >= batch_size:
-                    flush()
-        flush()
+            prepared = _chunked_map(writer.prepare, todo, pool, batch_size)
+        for item in prepared:
+            writer.add(item)
+        writer.flush()
+    rewritten = writer.rewritten
 
     # A shard judges only its own ids: another machine may mount the folder elsewhere.
     gone = [
@@ -290,10 +377,16 @@ def index_folder(
         summary.kept += len(gone) - summary.pruned
     else:
         summary.missing = len(gone)
+    finish_run(store, summary)
+    return summary
+
+
+def finish_run(store: Store, summary: Summary) -> None:
+    """After a run of writes: rebuild what ``begin_bulk`` dropped, and recompute the DBA
+    vectors if the run changed anything (or a crashed run left them stale)."""
     store.end_bulk()
     # This run's own changes too, not only the mark: a shard that finished first may
     # have cleared the mark this run set.
     changed = summary.indexed or summary.pruned
     if augment.enabled(store) and (changed or augment.is_stale(store)):
         summary.augmented = augment.refresh(store)
-    return summary

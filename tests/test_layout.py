@@ -8,8 +8,13 @@ import pytest
 from imagefinder import errors
 from imagefinder.server.app import STATUS
 from imagefinder.store import open_store
+from imagefinder.store.postgres import PGStore
+from imagefinder.store.sqlite import SQLiteStore
 
 IDENTITY = {"model": "toy", "weights": "w1", "dim": "4", "preprocessing": "none"}
+# Both stores are at the same schema version: this one.
+CURRENT = SQLiteStore.schema_version()
+assert PGStore.schema_version() == CURRENT
 
 
 def all_subclasses(cls):
@@ -35,7 +40,8 @@ def with_migration(store):
         table = "images" if store.kind == "sqlite" else "imagefinder_images"
         conn.execute(f"ALTER TABLE {table} ADD COLUMN tags TEXT")
 
-    newer = type(f"Newer{type(store).__name__}", (type(store),), {"migrations": (add_tags,)})
+    migrations = (*type(store).migrations, add_tags)
+    newer = type(f"Newer{type(store).__name__}", (type(store),), {"migrations": migrations})
     store.__class__ = newer
     return store, calls
 
@@ -54,7 +60,7 @@ def columns(store) -> set[str]:
 def test_a_new_index_is_created_through_every_migration(db_location):
     store, calls = with_migration(open_store(db_location))
     store.ensure_schema(IDENTITY)
-    assert store.meta()["schema_version"] == "2"
+    assert store.meta()["schema_version"] == str(CURRENT + 1)
     assert "tags" in columns(store) and calls == [1]
     store.close()
 
@@ -62,10 +68,10 @@ def test_a_new_index_is_created_through_every_migration(db_location):
 def test_an_older_index_is_migrated_once_when_opened(db_location):
     old = open_store(db_location)
     old.ensure_schema(IDENTITY)
-    assert old.meta()["schema_version"] == "1"
+    assert old.meta()["schema_version"] == str(CURRENT)
     old.close()
     store, calls = with_migration(open_store(db_location))
-    assert store.meta()["schema_version"] == "2"
+    assert store.meta()["schema_version"] == str(CURRENT + 1)
     store.ensure_schema(IDENTITY)  # already migrated: nothing runs twice
     assert calls == [1] and "tags" in columns(store)
     store.close()
@@ -77,7 +83,8 @@ def test_an_index_from_a_newer_imagefinder_is_refused(db_location):
     store.close()
     older = open_store(db_location)
     with pytest.raises(
-        errors.StoreError, match="schema version 2, this ImageFinder reads version 1"
+        errors.StoreError,
+        match=f"schema version {CURRENT + 1}, this ImageFinder reads version {CURRENT}",
     ):
         older.meta()
     older.close()

@@ -8,8 +8,9 @@ from .. import __version__
 from .base import CONTEXT
 from .catalogue import download, extract
 from .index import copy, evaluate, info, search, serve
+from .ingest import ingest
 
-__all__ = ["cli", "download", "extract", "main"]
+__all__ = ["cli", "download", "extract", "ingest", "main"]
 
 
 @click.group(context_settings=CONTEXT)
@@ -22,7 +23,7 @@ def cli() -> None:
     """
 
 
-for _command in (download, extract, search, info, evaluate, copy, serve):
+for _command in (download, extract, ingest, search, info, evaluate, copy, serve):
     cli.add_command(_command)
 
 

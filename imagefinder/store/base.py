@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 
 from ..errors import IndexMismatch, StoreError
+from .jobtable import JobTable
 
 METRIC = "l2"
 # The meta key that turns database-side augmentation on, with its parameters
@@ -192,6 +193,10 @@ class Store(ABC):
 
     @abstractmethod
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def jobs(self) -> JobTable:
+        """The index's ingestion jobs (jobtable.py)."""
 
     def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
         """``expected`` rows are about to be written: a store may drop its ANN index."""

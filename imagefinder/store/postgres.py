@@ -39,6 +39,7 @@ from .base import (
     keyset_pages,
     new_meta,
 )
+from .jobtable import JobTable, create_sql
 from .pgvector import register_vector
 
 IMAGES = "imagefinder_images"
@@ -66,6 +67,15 @@ TABLE_EXISTS = (
 )
 
 
+JOBS = "imagefinder_jobs"
+
+
+def _add_jobs(conn: psycopg.Connection) -> None:
+    """Schema 2: ingestion jobs (jobtable.py)."""
+    for statement in create_sql(JOBS, "double precision"):
+        conn.execute(statement)
+
+
 def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
     """The one value a one-row query returns."""
     row = conn.execute(sql, params).fetchone()
@@ -82,6 +92,7 @@ class PGStore(Store):
 
     kind = "postgres"
     rebuild_hint = "rebuild it into a new database"
+    migrations = (_add_jobs,)
     # A run into an empty table, or one that at least doubles the table and writes this
     # many rows, drops the HNSW index first and builds it once at the end: far faster
     # than inserting row by row (a few ms per 2048-d row).
@@ -466,6 +477,9 @@ class PGStore(Store):
                 yield
             finally:
                 conn.execute(WRITE_UNLOCK, (key,))
+
+    def jobs(self) -> JobTable:
+        return JobTable(JOBS, self._tx, self._tx, lambda: bool(self.meta()), "%s")
 
     # -- meta and DBA (see pgdba.py) ----------------------------------------
 

@@ -39,6 +39,7 @@ from .base import (
     new_meta,
     state_matches,
 )
+from .jobtable import JobTable, create_sql
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
@@ -98,6 +99,15 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+JOBS = "jobs"
+
+
+def _add_jobs(conn: Any) -> None:
+    """Schema 2: ingestion jobs (jobtable.py)."""
+    for statement in create_sql(JOBS, "REAL"):
+        conn.execute(statement)
+
+
 def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
@@ -107,6 +117,7 @@ class SQLiteStore(Store):
 
     kind = "sqlite"
     rebuild_hint = "rebuild it with a new --db path"
+    migrations = (_add_jobs,)
 
     def __init__(
         self,
@@ -431,6 +442,15 @@ class SQLiteStore(Store):
             if n:
                 coarse.sync(conn, self.fast_min_rows)
         return n
+
+    def jobs(self) -> JobTable:
+        return JobTable(
+            JOBS,
+            self.transaction,
+            lambda: contextlib.nullcontext(self.conn),
+            lambda: bool(self.meta()),
+            "?",
+        )
 
     def lock_file(self) -> Path:
         """The API's write lock, beside the index."""

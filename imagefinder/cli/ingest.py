@@ -1,0 +1,185 @@
+"""``ingest``: download and embed a catalogue in one streaming pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ..model.registry import MODELS
+from .base import command, db_option, load_settings
+from .catalogue import nothing_downloaded
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..catalog import Row
+    from ..download import Outcome
+    from ..ingest import Fetched
+
+
+@command()
+@click.option(
+    "--csv",
+    "--csv-file",
+    "--csv_file",
+    "csv_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV with a header 'url,id'.",
+)
+@click.option(
+    "--output-dir",
+    "--output_dir",
+    default="data/images",
+    show_default=True,
+    help="Folder the images are saved to, as <id>.<ext>.",
+)
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False),
+    help="Where to write every row's download outcome (default: <output-dir>/manifest.csv).",
+)
+@db_option
+@click.option(
+    "--model",
+    type=click.Choice(list(MODELS)),
+    help="Embedding model for a new index (default: $IMAGEFINDER_MODEL or resnet50).",
+)
+@click.option("--weights", help="The model's weights (also $IMAGEFINDER_WEIGHTS).")
+@click.option("--batch-size", type=click.IntRange(1, 256), help="Images per forward pass.")
+@click.option(
+    "--workers",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Concurrent downloads.",
+)
+@click.option(
+    "--decode-workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Decoding threads.",
+)
+@click.option(
+    "--timeout",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds to wait for a server before retrying.",
+)
+@click.option(
+    "--deadline",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds one file may take in all: attempts, retries and a slow server.",
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 10),
+    help="Retries for timeouts, dropped connections, 429 and 5xx.",
+)
+@click.option(
+    "--max-mb", default=50, show_default=True, type=click.IntRange(1), help="Largest file, in MB."
+)
+@click.option(
+    "--allow-private",
+    is_flag=True,
+    help="Also download from loopback, private and link-local addresses (refused by default).",
+)
+def ingest(
+    csv_file: str,
+    output_dir: str,
+    manifest: str | None,
+    db: str | None,
+    model: str | None,
+    weights: str | None,
+    batch_size: int | None,
+    workers: int,
+    decode_workers: int,
+    timeout: float,
+    deadline: float,
+    retries: int,
+    max_mb: int,
+    allow_private: bool,
+) -> None:
+    """Download a catalogue's images and embed them into the index in one pass.
+
+    Embedding starts while downloads go on. Like `extract`, it is idempotent per id and
+    content hash: a second run (or one after a crash) redoes nothing already indexed.
+    """
+    from .. import augment
+    from ..catalog import read_catalog
+    from ..download import Downloader, DownloadOptions, write_manifest
+    from ..indexer import LiveStates, Summary, Writer, finish_run
+    from ..ingest import Ingest, downloads
+    from ..service import Service
+
+    if not Path(csv_file).is_file():
+        raise click.UsageError(f"{csv_file}: no such file; pass the catalogue CSV with --csv")
+    rows = read_catalog(csv_file)
+    settings = load_settings(db=db, batch_size=batch_size)
+    options = DownloadOptions(
+        timeout=timeout,
+        retries=retries,
+        max_bytes=max_mb * 1024 * 1024,
+        max_pixels=settings.max_pixels,
+        workers=workers,
+        deadline=deadline,
+        allow_private=allow_private,
+    )
+    service = Service(settings)
+    store = service.store
+    name, _ = service.choose_model(model, weights)
+    new_index = not store.meta()
+    click.echo(f"Loading {name} ...", err=True)
+    embedder = service.load_writer(model, weights)
+    store.ensure_schema(embedder.meta())
+    if new_index and settings.dba:
+        augment.set_enabled(store, True, compute=False)
+    if rows:
+        augment.mark_stale(store)  # cleared by the refresh at the end: a crash keeps it
+    store.begin_bulk(len(rows))
+
+    def label(item: Row | Outcome) -> str:
+        return f"{csv_file}:{item.line}"
+
+    summary = Summary()
+    with Progress("Ingesting", len(rows)) as progress:
+
+        def fetched(item: Fetched) -> None:
+            if item.path is None and item.outcome is not None:
+                progress.note(f"skipping {item.label}: {item.reason} ({item.outcome.url})")
+
+        writer = Writer(
+            store,
+            embedder,
+            LiveStates(store),
+            summary,
+            settings.batch_size,
+            settings.max_pixels,
+            on_progress=progress.update,
+            on_skip=lambda where, reason: progress.note(f"skipping {where}: {reason}"),
+        )
+        run = Ingest(writer, workers=decode_workers, on_fetched=fetched)
+        run.run(downloads(rows, Downloader(output_dir, options), label), len(rows))
+    finish_run(store, summary)
+    outcomes = run.outcomes
+    manifest_path = Path(manifest or Path(output_dir) / "manifest.csv")
+    write_manifest(manifest_path, sorted(outcomes, key=lambda o: o.line))
+    total = store.count()
+    store.close()
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("downloaded", "skipped", "failed")}
+    click.echo(
+        f"{counts['downloaded']} downloaded, {counts['skipped']} already there, "
+        f"{counts['failed']} failed; {summary.line()}; index {store.location} now holds "
+        f"{total} images; manifest: {manifest_path}"
+    )
+    if summary.augmented:
+        click.echo(f"DBA: augmented vectors recomputed for {summary.augmented} images", err=True)
+    if rows and counts["downloaded"] + counts["skipped"] == 0:
+        raise click.ClickException(nothing_downloaded(outcomes, manifest_path))
