@@ -35,6 +35,11 @@ RANGES: dict[str, tuple[int, int]] = {
     "max_queue": (0, 100_000),
     "body_timeout": (1, 3600),
     "decode_processes": (0, 1024),
+    "job_max_rows": (1, 10_000_000),
+    "job_max_csv_bytes": (1, 1 << 32),
+    "job_max_files": (1, 100_000),
+    "job_max_bytes": (1, 1 << 40),
+    "job_queue": (1, 10_000),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "metrics": ("token", "public", "off"),
@@ -78,6 +83,16 @@ class Settings:
     # its own setting). Both on: they won on the dev split (bench/results/quality.md).
     expand: bool = True
     dba: bool = True
+    # Ingestion jobs (POST /jobs): at most this many CSV rows and CSV bytes, uploaded
+    # files and request bytes per job, and jobs queued or running at once.
+    job_max_rows: int = 100_000
+    job_max_csv_bytes: int = 16 * 1024 * 1024
+    job_max_files: int = 1_000
+    job_max_bytes: int = 512 * 1024 * 1024
+    job_queue: int = 20
+    # Let a job's CSV name loopback, private and link-local addresses (a test server):
+    # off, because a URL a client sends must not reach this machine's own services.
+    job_allow_private: bool = False
     # GET /metrics: "token" (default: the API token is required), "public", or "off".
     metrics: str = "token"
     # One line per request, and the server's own messages: "text" or "json".

@@ -85,6 +85,25 @@ class Busy(ImageFinderError):
         self.retry_after = retry_after
 
 
+class TooManyJobs(ImageFinderError):
+    """The server already holds as many queued and running jobs as it takes."""
+
+    code = "too_many_jobs"
+
+
+class JobTooLarge(ImageFinderError):
+    """A job's source is over a limit: too many files (``too_many_files``) or CSV rows
+    (``too_many_rows``)."""
+
+    code = "too_many_files"
+
+
+class JobFinished(ImageFinderError):
+    """The job has finished: there is nothing left to cancel."""
+
+    code = "job_finished"
+
+
 class ModelUnavailable(ImageFinderError):
     """The model's weights cannot be loaded."""
 
@@ -154,3 +173,9 @@ class RemoteError(ImageFinderError):
 def unknown_id(image_id: str) -> NotFound:
     """The one "unknown id" error, wherever an id is looked up."""
     return NotFound(f"no image with id {image_id!r} in the index")
+
+
+def unknown_job(job_id: str) -> NotFound:
+    return NotFound(
+        f"no job with id {job_id!r}; GET /jobs lists the recent ones", code="unknown_job"
+    )

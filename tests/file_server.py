@@ -44,9 +44,7 @@ class FileServer:
                         time.sleep(0.05)
                 super().do_GET()
 
-        self._httpd = ThreadingHTTPServer(
-            ("127.0.0.1", 0), partial(Handler, directory=str(folder))
-        )
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
         self._httpd.daemon_threads = True
         self._httpd.handle_error = lambda request, address: None
         self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"

@@ -87,9 +87,7 @@ def test_a_second_ingest_redoes_nothing(photos, tmp_path):
     assert rows_in(db) == ["p0", "p1", "p2", "p3"]
 
 
-def test_ingest_resumes_through_the_content_hash_after_the_files_were_rewritten(
-    photos, tmp_path
-):
+def test_ingest_resumes_through_the_content_hash_after_the_files_were_rewritten(photos, tmp_path):
     """Files re-downloaded with the same bytes (a new mtime) are not embedded again."""
     with FileServer(photos) as server:
         rows = [(server.url(f"p{i}.jpg"), f"p{i}") for i in range(3)]

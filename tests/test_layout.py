@@ -26,7 +26,7 @@ def all_subclasses(cls):
 def test_every_error_code_has_an_http_status():
     codes = {cls.code for cls in all_subclasses(errors.ImageFinderError)}
     # Codes given per instance rather than by class.
-    codes |= {"invalid_id", "index_empty", "file_missing"}
+    codes |= {"invalid_id", "index_empty", "file_missing", "unknown_job", "too_many_rows"}
     assert codes <= set(STATUS), codes - set(STATUS)
     assert all(400 <= status < 600 for status in STATUS.values())
 

@@ -27,12 +27,13 @@ from ..config import Settings
 from ..errors import Busy, ImageFinderError
 from ..redact import redact
 from ..service import Indexes, Service
-from . import browse, docs, health, observe, search, writes
+from . import browse, docs, health, jobs, observe, search, writes
 from .decoders import Decoders
 from .deps import error_response
 from .gate import Gate
 from .headers import SecurityHeaders
 from .health import HealthCheck
+from .runner import JobRunner
 
 log = logging.getLogger("imagefinder")
 
@@ -54,6 +55,11 @@ STATUS = {
     "file_missing": 404,
     "not_found": 404,
     "unknown_index": 404,
+    "unknown_job": 404,
+    "job_finished": 409,
+    "too_many_jobs": 429,
+    "too_many_files": 413,
+    "too_many_rows": 413,
     "method_not_allowed": 405,
     "too_large": 413,
     "too_many_pixels": 413,
@@ -99,9 +105,18 @@ class BodyLimits:
     its connection, and a place in the queue, for ever). A response sent before the body
     is complete closes the connection, so the rest is never waited for."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, grace: float, min_rate: float):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        grace: float,
+        min_rate: float,
+        larger: dict[tuple[str, str], int] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
+        # (method, path) -> a larger cap for that route (POST /jobs: many files at once)
+        self.larger = larger or {}
         self.grace = grace
         self.min_rate = min_rate
 
@@ -111,8 +126,9 @@ class BodyLimits:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _closing(error_response(413, "too_large", self._message()), scope, send)
+        cap = self.larger.get((scope.get("method", ""), scope.get("path", "")), self.max_bytes)
+        if declared.isdigit() and int(declared) > cap:
+            await _closing(error_response(413, "too_large", self._message(cap)), scope, send)
             return
         seen = 0
         started_at = time.monotonic()
@@ -135,7 +151,7 @@ class BodyLimits:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if seen > self.max_bytes:
+                if seen > cap:
                     failure = _BodyTooLarge
                     raise _BodyTooLarge
             return message
@@ -154,7 +170,7 @@ class BodyLimits:
             await self.app(scope, limited_receive, guarded_send)
         if failure is not None and not started:
             if failure is _BodyTooLarge:
-                answer = error_response(413, "too_large", self._message())
+                answer = error_response(413, "too_large", self._message(cap))
             else:
                 answer = error_response(
                     408,
@@ -164,8 +180,8 @@ class BodyLimits:
                 )
             await _closing(answer, scope, send)
 
-    def _message(self) -> str:
-        return f"request body over the limit of {self.max_bytes - BODY_SLACK:,} bytes"
+    def _message(self, cap: int) -> str:
+        return f"request body over the limit of {cap - BODY_SLACK:,} bytes"
 
 
 CLOSE = (b"connection", b"close")
@@ -237,9 +253,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         # the message until it is fixed.
         for name, problem in await run_in_threadpool(indexes.load_models):
             log.error("cannot serve searches from index %r yet: %s", name, problem)
+        # Ingestion jobs: kept in the default index, run one at a time through the gate.
+        runner = JobRunner(indexes.default, app.state.gate)
+        app.state.runner = runner
+        runner.start()
         try:
             yield
         finally:
+            await run_in_threadpool(runner.stop)
             indexes.close()
             if decoders is not None:
                 decoders.close()
@@ -287,6 +308,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.include_router(health.router)
     app.include_router(search.router)
     app.include_router(writes.router)
+    app.include_router(jobs.router)
     browse.install(app)
     docs.install(app)
 
@@ -302,6 +324,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         max_bytes=settings.max_upload_bytes + BODY_SLACK,
         grace=settings.body_timeout,
         min_rate=BODY_MIN_RATE,
+        larger={("POST", "/jobs"): settings.job_max_bytes + BODY_SLACK},
     )
     # Request ids, one log line per request, /metrics (observe.py, logs.py, metrics.py).
     observe.install(app, settings)
