@@ -356,3 +356,61 @@ def test_the_page_lets_the_user_pick_an_index_and_search_by_text(browser, two_in
     assert asked and all("index=words" in u for u in asked)
     assert page.script_errors == []
     page.context.close()
+
+
+def test_the_add_panel_starts_a_job_follows_it_and_lists_its_failures(browser, tmp_path):
+    """A fresh server with a token: the panel keeps the token in sessionStorage only,
+    uploads images as a job, shows its progress to the end, lists the file that failed,
+    and the catalogue then holds the images (the status line and a search say so)."""
+    token = "panel-token-for-tests"
+    env = {
+        "IMAGEFINDER_DB": str(tmp_path / "index.db"),
+        "IMAGEFINDER_IMAGES_DIR": str(tmp_path / "images"),
+        "IMAGEFINDER_MODEL": "fake-colour",
+        "IMAGEFINDER_API_TOKEN": token,
+        "IMAGEFINDER_BATCH_SIZE": "2",
+        "FAKE_MODEL_BATCH_SECONDS": "0.2",  # slow enough to see it running
+    }
+    chosen = []
+    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 220, 20)]):
+        path = tmp_path / f"shot-{i}.jpg"
+        path.write_bytes(image_bytes((80, 60), colour))
+        chosen.append(str(path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a picture")
+    chosen.append(str(broken))
+    with LiveServer(env, fake_model=True) as live:
+        page = open_page(browser, live.url)
+        page.click("#add summary")
+        page.fill("#add-token", "wrong")
+        page.set_input_files("#add-files", chosen[:1])
+        page.click("#add-start")
+        page.wait_for_function(
+            "() => document.querySelector('#add-state').textContent.includes('token is missing or wrong')"
+        )
+        page.fill("#add-token", token)
+        page.set_input_files("#add-files", chosen)
+        page.click("#add-start")
+        # The bar moves while the job runs, and the job ends done.
+        page.wait_for_function("() => document.querySelector('#add-progress').value > 0")
+        page.wait_for_function(
+            "() => document.querySelector('#add-state').textContent.startsWith('Done')"
+        )
+        assert page.inner_text("#add-state") == "Done: 4 added, 0 already there, 1 failed"
+        assert page.eval_on_selector("#add-progress", "p => [p.value, p.max]") == [5, 5]
+        failures = page.inner_text("#add-failures")
+        assert failures.startswith("broken: ") and "image" in failures
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.startsWith('4 images')"
+        )
+        # The token is in this tab's sessionStorage, nowhere else, and never in a URL.
+        assert page.evaluate("sessionStorage.getItem('imagefinder-token')") == token
+        assert page.evaluate("localStorage.length") == 0
+        assert page.context.cookies() == []
+        assert not any(token in url for url in page.requests)
+        screenshot(page, "browser-add-panel.png")
+        # What the job added can be searched for.
+        page.set_input_files("#file", chosen[2])
+        assert wait_for_cards(page, 3)[0] == "shot-2"
+        assert page.script_errors == []
+        page.context.close()
