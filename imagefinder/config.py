@@ -93,6 +93,9 @@ class Settings:
     # Let a job's CSV name loopback, private and link-local addresses (a test server):
     # off, because a URL a client sends must not reach this machine's own services.
     job_allow_private: bool = False
+    # A Ray cluster (``ray://host:10001``, or ``auto``) that runs the server's CSV jobs
+    # (pip install 'imagefinder[ray]'); unset: jobs run inside the server.
+    ray_address: str | None = None
     # GET /metrics: "token" (default: the API token is required), "public", or "off".
     metrics: str = "token"
     # One line per request, and the server's own messages: "text" or "json".

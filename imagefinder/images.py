@@ -260,3 +260,16 @@ def _band_to_rgb(img: Image.Image, top: float) -> Image.Image:
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower().lstrip(".") in SUFFIXES and not path.name.startswith(".")
+
+
+def square_crop(img: Image.Image, size: int) -> np.ndarray:
+    """The standard model input's pixels: shortest side resized to ``size`` (bilinear),
+    centre ``size`` x ``size`` crop, as (size, size, 3) uint8. Torch-free, so a worker that
+    only decodes (a Ray task) makes exactly what ``Embedder.preprocess`` makes."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).copy()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import numpy as np
 import torch
 from PIL.Image import Image as PILImage
 
@@ -246,25 +247,28 @@ class Writer:
             if self.on_skip:
                 self.on_skip(c.shown or str(c.path), reason)
             self._progress(1)
-        elif tensor is None:  # same content (maybe a new path or mtime)
-            state = self.known.get(c.id)
-            assert state is not None  # no tensor without a row of the same content
-            same_file = (state.path, state.size, state.mtime_ns) == (
-                str(c.path),
-                c.size,
-                c.mtime_ns,
-            )
-            if same_file or self.store.touch(c.id, str(c.path), c.size, c.mtime_ns, expected=state):
-                self.summary.unchanged += 1
-            else:
-                self.summary.kept += 1
-            self.rewritten.add(c.id)
-            self._progress(1)
+        elif tensor is None:
+            self.same_content(c)
         else:
             assert digest is not None  # every tensor comes with its file's hash
             self.batch.append((c, digest, tensor))
             if len(self.batch) >= self.batch_size:
                 self.flush()
+
+    def same_content(self, c: Candidate) -> bool:
+        """Record a file whose content the index already has (maybe at a new path or
+        mtime). False if another writer changed the row meanwhile (kept as it is)."""
+        state = self.known.get(c.id)
+        assert state is not None  # no "same content" without a row
+        same_file = (state.path, state.size, state.mtime_ns) == (str(c.path), c.size, c.mtime_ns)
+        done = same_file or self.store.touch(c.id, str(c.path), c.size, c.mtime_ns, expected=state)
+        if done:
+            self.summary.unchanged += 1
+        else:
+            self.summary.kept += 1
+        self.rewritten.add(c.id)
+        self._progress(1)
+        return done
 
     def flush(self) -> None:
         """Embed and write the batched files."""
@@ -272,19 +276,21 @@ class Writer:
         if not batch:
             return
         vectors = self.embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
+        self.write([(c, digest, v) for (c, digest, _), v in zip(batch, vectors, strict=True)])
+
+    def write(self, rows: Sequence[tuple[Candidate, str, np.ndarray]]) -> int:
+        """Write embedded files in one transaction; returns how many were written."""
         # Conditional on each row being as this run saw it: an image the API replaced or
         # deleted meanwhile is newer than this run's view, and wins.
         written = self.store.upsert(
-            (
-                Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v)
-                for (c, digest, _), v in zip(batch, vectors, strict=True)
-            ),
-            expected={c.id: self.known.get(c.id) for c, _, _ in batch},
+            (Item(c.id, str(c.path), digest, c.size, c.mtime_ns, v) for c, digest, v in rows),
+            expected={c.id: self.known.get(c.id) for c, _, _ in rows},
         )
         self.summary.indexed += written
-        self.summary.kept += len(batch) - written
-        self.rewritten.update(c.id for c, _, _ in batch)
-        self._progress(len(batch))
+        self.summary.kept += len(rows) - written
+        self.rewritten.update(c.id for c, _, _ in rows)
+        self._progress(len(rows))
+        return written
 
     def _progress(self, n: int) -> None:
         if self.on_progress:

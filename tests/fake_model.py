@@ -131,6 +131,11 @@ TEXT_SPEC = register(
 )
 
 
+def ray_setup() -> None:
+    """Ray's ``worker_process_setup_hook``: a worker that imported this module has the
+    fakes registered (tests/test_ray.py)."""
+
+
 def command(*args: str) -> list[str]:
     """The command line that runs ``args`` (a script, or ``-m module ...``) in a
     subprocess with the fake model registered."""

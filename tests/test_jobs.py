@@ -10,7 +10,6 @@ it. The model is the tests' fake (not the point here).
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from support import LiveServer, assert_error, image_bytes
 from imagefinder.config import Settings
 from imagefinder.server.app import create_app
 from imagefinder.service import Service
+from imagefinder.store import open_store
 
 TOKEN = "job-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -90,8 +90,13 @@ def wait_finished(client: TestClient, location: str, timeout: float = 30) -> dic
 
 
 def ids_in(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        return sorted(r[0] for r in conn.execute("SELECT id FROM images"))
+    # Through the store's own SQLite library: a second SQLite library in this process
+    # (the stdlib's) would drop the server's POSIX locks when it closes the file.
+    store = open_store(db, create=False)
+    try:
+        return sorted(store.file_states()) if store.meta() else []
+    finally:
+        store.close()
 
 
 def post_csv(client: TestClient, text: str, **kw):

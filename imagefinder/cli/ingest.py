@@ -13,9 +13,15 @@ from .catalogue import nothing_downloaded
 from .progress import Progress
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..catalog import Row
-    from ..download import Outcome
+    from ..config import Settings
+    from ..download import DownloadOptions, Outcome
+    from ..indexer import Summary
     from ..ingest import Fetched
+    from ..rayengine import RayOptions
+    from ..store import Store
 
 
 @command()
@@ -87,6 +93,34 @@ if TYPE_CHECKING:
     "--max-mb", default=50, show_default=True, type=click.IntRange(1), help="Largest file, in MB."
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: a Ray Data pipeline on a cluster "
+    "(pip install 'imagefinder[ray]').",
+)
+@click.option(
+    "--ray-address",
+    help="The Ray cluster to run on (ray://host:10001, or auto for the one `ray start` "
+    "began here; default: $IMAGEFINDER_RAY_ADDRESS, else a cluster started on this machine).",
+)
+@click.option(
+    "--actors",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="--engine ray: embedding actors (one model each).",
+)
+@click.option(
+    "--actor-cpus",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.01, 256),
+    help="--engine ray: CPUs Ray reserves per actor (fractions let downloads run beside "
+    "them on a small machine).",
+)
+@click.option(
     "--allow-private",
     is_flag=True,
     help="Also download from loopback, private and link-local addresses (refused by default).",
@@ -105,6 +139,10 @@ def ingest(
     deadline: float,
     retries: int,
     max_mb: int,
+    engine: str,
+    ray_address: str | None,
+    actors: int,
+    actor_cpus: float,
     allow_private: bool,
 ) -> None:
     """Download a catalogue's images and embed them into the index in one pass.
@@ -114,9 +152,10 @@ def ingest(
     """
     from .. import augment
     from ..catalog import read_catalog
-    from ..download import Downloader, DownloadOptions, write_manifest
+    from ..download import Downloader, DownloadOptions
     from ..indexer import LiveStates, Summary, Writer, finish_run
     from ..ingest import Ingest, downloads
+    from ..rayengine import RayOptions
     from ..service import Service
 
     if not Path(csv_file).is_file():
@@ -134,7 +173,7 @@ def ingest(
     )
     service = Service(settings)
     store = service.store
-    name, _ = service.choose_model(model, weights)
+    name, chosen_weights = service.choose_model(model, weights)
     new_index = not store.meta()
     click.echo(f"Loading {name} ...", err=True)
     embedder = service.load_writer(model, weights)
@@ -148,6 +187,14 @@ def ingest(
     def label(item: Row | Outcome) -> str:
         return f"{csv_file}:{item.line}"
 
+    if engine == "ray":
+        summary, outcomes = _on_ray(
+            rows, store, settings, name, chosen_weights, output_dir, options, label,
+            RayOptions(ray_address or settings.ray_address, actors, actor_cpus),
+        )  # fmt: skip
+        finish_run(store, summary)
+        _report(store, summary, outcomes, manifest, output_dir, rows)
+        return
     summary = Summary()
     with Progress("Ingesting", len(rows)) as progress:
 
@@ -168,7 +215,49 @@ def ingest(
         run = Ingest(writer, workers=decode_workers, on_fetched=fetched)
         run.run(downloads(rows, Downloader(output_dir, options), label), len(rows))
     finish_run(store, summary)
-    outcomes = run.outcomes
+    _report(store, summary, run.outcomes, manifest, output_dir, rows)
+
+
+def _on_ray(
+    rows: list[Row],
+    store: Store,
+    settings: Settings,
+    model: str,
+    weights: str | None,
+    output_dir: str,
+    download: DownloadOptions,
+    label: Callable[[Row | Outcome], str],
+    options: RayOptions,
+) -> tuple[Summary, list[Outcome]]:
+    from ..rayengine import ingest as ray_ingest
+
+    click.echo(f"Starting the Ray pipeline ({options.address or 'a local cluster'}) ...", err=True)
+    with Progress("Ingesting", len(rows)) as progress:
+
+        def row_done(outcome: Outcome, result: str) -> None:
+            if result == "failed":
+                where = f" ({outcome.url})" if outcome.status == "failed" and outcome.url else ""
+                progress.note(f"skipping {label(outcome)}: {outcome.reason}{where}")
+            progress.update(1)
+
+        # The full location (a PostgreSQL password included): the workers connect with it.
+        run = ray_ingest(
+            rows, store, settings.location, model, weights, settings, output_dir, download,
+            options, on_row=row_done,
+        )  # fmt: skip
+    return run.summary, run.outcomes
+
+
+def _report(
+    store: Store,
+    summary: Summary,
+    outcomes: list[Outcome],
+    manifest: str | None,
+    output_dir: str,
+    rows: list[Row],
+) -> None:
+    from ..download import write_manifest
+
     manifest_path = Path(manifest or Path(output_dir) / "manifest.csv")
     write_manifest(manifest_path, sorted(outcomes, key=lambda o: o.line))
     total = store.count()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, ImageError, TextNotSupported
-from ..images import load_rgb
+from ..images import load_rgb, square_crop
 from .batcher import Batcher
 from .registry import PRECISIONS, Built, ModelSpec, spec_for
 
@@ -94,14 +94,11 @@ class Embedder:
         if self._own_preprocess is not None:
             tensor: torch.Tensor = self._own_preprocess(img)
             return tensor
-        size = self.spec.input_size
-        w, h = img.size
-        scale = size / min(w, h)
-        new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        img = img.resize(new, Image.Resampling.BILINEAR, reducing_gap=3.0)
-        left, top = (new[0] - size) // 2, (new[1] - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return self.normalise(square_crop(img, self.spec.input_size))
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """(S, S, 3) uint8 pixels from ``square_crop`` -> the model's (3, S, S) input."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).permute(2, 0, 1)
         return (x.float() - self._mean) / self._std
 
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
