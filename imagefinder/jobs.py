@@ -101,9 +101,12 @@ def execute(
             if not table.progress(job):
                 halt.set()
 
-        ingest = Ingest(writer, run=run, stop=either, on_step=record)
-        fetched = _source(job, source, settings, out, service, either)
-        tally = ingest.run(fetched, job.total)
+        if settings.ray_address and job.kind == "csv":
+            summary, tally = _on_ray(job, source, service, either, record)
+        else:
+            ingest = Ingest(writer, run=run, stop=either, on_step=record)
+            fetched = _source(job, source, settings, out, service, either)
+            tally = ingest.run(fetched, job.total)
         _copy(tally, job)
         if not stop.is_set():
             run(lambda: finish_run(service.store, summary))
@@ -165,6 +168,53 @@ def _source(
         return service.decoder.probe(path, settings.max_pixels)
 
     return uploads(files, out, probe, stop)
+
+
+def _on_ray(
+    job: Job,
+    source: str,
+    service: Service,
+    stop: threading.Event,
+    record: Callable[[Tally], None],
+) -> tuple[Summary, Tally]:
+    """A CSV job on the Ray cluster at IMAGEFINDER_RAY_ADDRESS: the server only drives it
+    (no gate place: the work is the cluster's)."""
+    from .rayengine import RayOptions
+    from .rayengine import ingest as ray_ingest
+
+    settings = service.settings
+    model, weights = service.choose_model()
+    tally = Tally(total=job.total)
+
+    def row_done(outcome: Outcome, result: str) -> None:
+        if result == "indexed":
+            tally.done += 1
+        elif result in ("unchanged", "kept"):
+            tally.skipped += 1
+        else:
+            tally.failed += 1
+            tally.errors.append((outcome.id or f"line {outcome.line}", outcome.reason))
+        record(tally)
+
+    options = DownloadOptions(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_pixels,
+        allow_private=settings.job_allow_private,
+    )
+    run = ray_ingest(
+        parse_catalog(source.encode("utf-8"), name="the job's CSV"),
+        service.store,
+        service.location,
+        model,
+        weights,
+        settings,
+        settings.images_dir,
+        options,
+        RayOptions(settings.ray_address, batch_size=settings.batch_size),
+        on_row=row_done,
+        stop=stop,
+    )
+    return run.summary, tally
 
 
 def _copy(tally: Tally, job: Job) -> None:

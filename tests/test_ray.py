@@ -189,3 +189,38 @@ def test_the_command_runs_on_the_cluster(cluster, web, tmp_path):
     assert f"skipping {csv_path}:{N + 2}: HTTP 404" in result.output
     assert (out / "manifest.csv").is_file()
     assert_indexed_exactly_once(str(db), out)
+
+
+def test_with_a_ray_address_the_server_runs_csv_jobs_on_the_cluster(cluster, web, tmp_path, model):
+    from fastapi.testclient import TestClient
+
+    from imagefinder.server.app import create_app
+    from imagefinder.service import Service
+
+    token = {"Authorization": "Bearer t0ken"}
+    settings = Settings(
+        db=str(tmp_path / "index.db"),
+        images_dir=str(tmp_path / "images"),
+        model=fake_model.NAME,
+        api_token="t0ken",
+        job_allow_private=True,
+        decode_processes=0,
+        ray_address="auto",  # this process already drives the tests' cluster
+    )
+    service = Service(settings)
+    service.embedder = model
+    with FileServer(web) as server, TestClient(create_app(service=service)) as client:
+        csv_text = catalogue(tmp_path, server, f"{server.url('missing.jpg')},gone\n").read_text()
+        location = client.post(
+            "/jobs", files={"csv": ("c.csv", csv_text.encode())}, headers=token
+        ).headers["Location"]
+        deadline = time.monotonic() + 120
+        while (job := client.get(location, headers=token).json())["state"] not in (
+            "done",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+    assert (job["state"], job["done"], job["failed"]) == ("done", N, 1), job
+    assert job["errors"] == [{"id": "gone", "reason": "HTTP 404"}]
+    assert_indexed_exactly_once(settings.db, tmp_path / "images")
