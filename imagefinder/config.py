@@ -40,6 +40,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "job_max_files": (1, 100_000),
     "job_max_bytes": (1, 1 << 40),
     "job_queue": (1, 10_000),
+    "job_batch_size": (1, 4096),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "metrics": ("token", "public", "off"),
@@ -90,6 +91,9 @@ class Settings:
     job_max_files: int = 1_000
     job_max_bytes: int = 512 * 1024 * 1024
     job_queue: int = 20
+    # Images per forward pass of a job in the server: a search waits for the job's forward
+    # in flight (one inference thread per model), so small ones keep searches fast.
+    job_batch_size: int = 2
     # Let a job's CSV name loopback, private and link-local addresses (a test server):
     # off, because a URL a client sends must not reach this machine's own services.
     job_allow_private: bool = False

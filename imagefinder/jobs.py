@@ -87,7 +87,7 @@ def execute(
             embedder,
             LiveStates(service.store),
             summary,
-            settings.batch_size,
+            settings.job_batch_size,
             settings.max_pixels,
             load=service.decoder.load_rgb,
         )

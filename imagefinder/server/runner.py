@@ -25,6 +25,8 @@ log = logging.getLogger("imagefinder")
 # Seconds between looks at the table when nobody woke the runner (stale jobs of other
 # servers, jobs queued through another server process).
 POLL = 2.0
+# Seconds a job step waits for the requests in the gate to finish first.
+YIELD_MAX = 1.0
 
 
 class JobRunner:
@@ -90,7 +92,13 @@ class JobRunner:
         return True
 
     def _gated(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` through the gate, waiting (never failing) while it is full."""
+        """Run ``fn`` through the gate, waiting (never failing) while it is full. A job
+        yields to requests: while any is in the gate it waits, up to ``YIELD_MAX``
+        seconds per step (so a steady stream of searches slows a job but never stops it)."""
+        waited = 0.0
+        while self.gate.admitted and waited < YIELD_MAX and not self._stop.is_set():
+            time.sleep(0.01)
+            waited += 0.01
         delay = 0.05
         while True:
             try:
