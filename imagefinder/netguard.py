@@ -187,7 +187,8 @@ class Guard:
             if download is not None:
                 download.add(sock)
             return sock
-        raise NewConnectionError(conn, f"Failed to establish a new connection: {error}")
+        # Chained, so network.explain names the cause (refused, unreachable...).
+        raise NewConnectionError(conn, f"Failed to establish a new connection: {error}") from error
 
     @contextmanager
     def deadline(self, seconds: float) -> Iterator[_Download]:

@@ -221,5 +221,7 @@ def test_every_failing_row_is_reported_once_however_many(tmp_path):
         cli, ["download", "--csv_file", str(csv_path), "--output-dir", str(tmp_path / "o")]
     )
     assert result.exit_code == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("skipping r")]
+    lines = [
+        line for line in result.stderr.splitlines() if line.startswith(f"skipping {csv_path}:")
+    ]
     assert len(lines) == n == len({line.split()[1] for line in lines})
