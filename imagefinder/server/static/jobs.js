@@ -97,7 +97,11 @@
       paint(body);
       if (FINISHED.includes(body.state)) {
         sessionStorage.removeItem(JOB_KEY);
-        if (typeof loadStatus === "function") loadStatus(); // the catalogue's new size
+        // The catalogue's new size; /health answers from a cache for half a second.
+        if (typeof loadStatus === "function") {
+          loadStatus();
+          setTimeout(loadStatus, 1000);
+        }
         break;
       }
       await new Promise((r) => setTimeout(r, POLL_MS));
