@@ -271,3 +271,25 @@ def test_a_killed_server_resumes_its_job_on_restart_through_the_content_hash(tmp
     assert job["done"] + job["skipped"] == 24 and job["failed"] == 0
     assert job["skipped"] >= before - 1  # found by content hash, not embedded again
     assert ids_in(tmp_path / "index.db") == sorted(["one", *(f"x{i:02d}" for i in range(24))])
+
+
+def test_a_job_of_a_gone_process_is_taken_over_even_with_the_same_pid(tmp_path, model):
+    """A restarted container may get the PID of the server it replaces: the job that
+    server left running is still taken over, at once, not mistaken for this one's."""
+    import os
+    import socket
+
+    from imagefinder.store.jobtable import Job, this_owner
+
+    store = open_store(tmp_path / "index.db")
+    store.ensure_schema(model.meta())
+    table = store.jobs()
+    table.create(Job(id="j1", kind="csv", total=1, created_at="2026-01-01T00:00:00.000Z"), "")
+    earlier = f"{socket.gethostname()}:{os.getpid()}:0123456789ab"  # same PID, older process
+    assert table.claim(earlier) is not None
+    mine = this_owner()
+    assert mine != earlier
+    taken = table.claim(mine)
+    assert taken is not None and taken.owner == mine and taken.state == "running"
+    assert table.claim(mine) is None  # now it is this process's own, being run
+    store.close()

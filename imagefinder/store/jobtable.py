@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -66,19 +67,25 @@ def now_text() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+# This process's incarnation: a restarted container may reuse the PID of the server it
+# replaces (often 1), and must not take that server's jobs for its own.
+_INCARNATION = uuid.uuid4().hex[:12]
+
+
 def this_owner() -> str:
-    """Who runs a job: this process, named so that another on the same host can tell
-    whether it still exists."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who runs a job: this process (host, PID, incarnation), named so that another on the
+    same host can tell whether it still exists."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_INCARNATION}"
 
 
 def owner_gone(owner: str) -> bool:
     """Whether ``owner`` is a process of this host that no longer exists."""
-    host, _, pid = owner.rpartition(":")
+    host, _, rest = owner.partition(":")
+    pid, _, incarnation = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
-        return False  # this very process: alive, whatever its runner thinks
+        return incarnation != _INCARNATION  # this PID, but another (earlier) process
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
