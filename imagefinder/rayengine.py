@@ -58,21 +58,36 @@ class RayOptions:
     batch_size: int = BATCH
 
 
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401 (the extra's other half)
+    except ImportError:
+        raise ConfigError(
+            "the Ray engine needs Ray Data; install it with: pip install 'imagefinder[ray]'"
+        ) from None
+    return ray
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at ``address`` (``auto``: the one ``ray start`` began here), or
     start one on this machine; this package travels to its workers."""
-    import ray
+    ray = _ray()
 
     if ray.is_initialized():
         return
     package = str(Path(__file__).resolve().parent)
-    ray.init(
-        address=address,
-        runtime_env={"py_modules": [package]},
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"py_modules": [package]},
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise ConfigError(f"cannot start or reach {where}: {' '.join(str(e).split())}") from e
 
 
 def _known(ref: Any) -> dict[str, FileState]:
@@ -215,7 +230,7 @@ def ingest(
     """Put ``rows`` into ``store`` (whose schema exists) through a Ray Data pipeline.
     ``on_row(outcome, result)`` sees each row as it is written (``result``: indexed,
     unchanged, kept or failed)."""
-    import ray
+    ray = _ray()
 
     spec = spec_for(model)
     if spec.own_preprocessing:
