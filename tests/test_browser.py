@@ -370,7 +370,7 @@ def test_the_add_panel_starts_a_job_follows_it_and_lists_its_failures(browser, t
         "IMAGEFINDER_IMAGES_DIR": str(tmp_path / "images"),
         "IMAGEFINDER_MODEL": "fake-colour",
         "IMAGEFINDER_API_TOKEN": token,
-        "IMAGEFINDER_BATCH_SIZE": "2",
+        "IMAGEFINDER_JOB_BATCH_SIZE": "2",
         "FAKE_MODEL_BATCH_SECONDS": "0.2",  # slow enough to see it running
     }
     chosen = []

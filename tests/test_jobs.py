@@ -216,6 +216,10 @@ def test_jobs_waiting_at_once_are_bounded_and_a_queued_job_can_be_cancelled(make
         first = post_csv(client, f"url,id\n{server.url('p0.jpg')},p0\n")
         second = post_csv(client, f"url,id\n{server.url('p1.jpg')},p1\n")
         assert first.status_code == second.status_code == 202
+        deadline = time.monotonic() + 20
+        while client.get(first.headers["Location"], headers=AUTH).json()["state"] != "running":
+            assert time.monotonic() < deadline, "the runner never took the first job"
+            time.sleep(0.05)
         assert_error(post_csv(client, f"url,id\n{server.url('p2.jpg')},p2\n"), 429, "too_many_jobs")
         cancelled = client.delete(second.headers["Location"], headers=AUTH)
         assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
@@ -235,7 +239,7 @@ def test_a_killed_server_resumes_its_job_on_restart_through_the_content_hash(tmp
         "IMAGEFINDER_IMAGES_DIR": str(tmp_path / "images"),
         "IMAGEFINDER_MODEL": fake_model.NAME,
         "IMAGEFINDER_API_TOKEN": TOKEN,
-        "IMAGEFINDER_BATCH_SIZE": "4",
+        "IMAGEFINDER_JOB_BATCH_SIZE": "4",
         "FAKE_MODEL_BATCH_SECONDS": "0.3",
     }
     log = tmp_path / "server.log"
