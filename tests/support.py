@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 from PIL import Image
 
@@ -142,6 +144,10 @@ class LiveServer:
         raise RuntimeError(f"server on {self.url} did not become ready in {timeout}s")
 
     def stop(self) -> None:
+        # The server's own processes (its decoders' forkserver and workers) are ended too:
+        # they outlived a server that was stopped or killed, ~300 MB each, until the
+        # machine ran out of memory.
+        children = self.children()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -149,8 +155,19 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         if self.log:
             self.log.close()
+
+    def children(self) -> list[psutil.Process]:
+        """The server's processes (all descendants), to end with it; call before killing
+        it, since its orphans are no longer its children."""
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
 
     def __enter__(self) -> LiveServer:
         return self

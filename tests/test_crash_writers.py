@@ -10,6 +10,7 @@ cut off by a kill may have happened or not: its id may hold either state.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import fake_model
+import psutil
 import requests
 from support import ROOT, LiveServer, image_bytes
 
@@ -124,8 +126,12 @@ def test_killed_servers_and_extractions_lose_no_acknowledged_write(db_location, 
             run.wait()
             if rng.random() < 0.35:
                 victim = rng.randrange(2)
+                orphans = servers[victim].children()  # its decoder processes
                 servers[victim].proc.send_signal(signal.SIGKILL)
                 servers[victim].proc.wait()
+                for process in orphans:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
                 kills["server"] += 1
                 servers[victim].stop()
                 servers[victim] = LiveServer(env, fake_model=True, log=log)

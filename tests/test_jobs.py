@@ -9,11 +9,13 @@ it. The model is the tests' fake (not the point here).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
 
 import fake_model
+import psutil
 import pytest
 import requests
 from fastapi.testclient import TestClient
@@ -257,8 +259,12 @@ def test_a_killed_server_resumes_its_job_on_restart_through_the_content_hash(tmp
         while requests.get(server.url + big_path, headers=AUTH).json()["done"] < 8:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        orphans = server.children()
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
+        for process in orphans:  # what a killed server leaves behind
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
     before = len(ids_in(tmp_path / "index.db"))
     assert 8 <= before < 25
     with LiveServer(env, fake_model=True, log=log) as server:
