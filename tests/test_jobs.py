@@ -303,3 +303,10 @@ def test_a_job_of_a_gone_process_is_taken_over_even_with_the_same_pid(tmp_path, 
     assert taken is not None and taken.owner == mine and taken.state == "running"
     assert table.claim(mine) is None  # now it is this process's own, being run
     store.close()
+
+
+def test_listing_refuses_an_unknown_parameter(make_client):
+    client = make_client()
+    assert_error(client.get("/jobs?limt=5", headers=AUTH), 422, "invalid_request")
+    assert_error(client.get("/jobs?limit=0", headers=AUTH), 422, "invalid_request")
+    assert client.get("/jobs?limit=5", headers=AUTH).json() == {"jobs": []}

@@ -320,6 +320,9 @@ async def get_job(request: Request, job_id: str) -> JSONResponse:
 async def list_jobs(
     request: Request, limit: int = Query(50, ge=1, le=200, description="How many")
 ) -> JSONResponse:
+    unknown = sorted(set(request.query_params) - {"limit"})
+    if unknown:  # a misspelt parameter is an error, not silently the default
+        raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; this route takes 'limit'")
     jobs = await run_in_threadpool(_service(request).store.jobs().recent, limit)
     return JSONResponse({"jobs": [j.public() for j in jobs]})
 
