@@ -91,7 +91,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     # WAL lets searches read while an extraction writes; busy_timeout makes
     # writers queue instead of failing with "database is locked".
     conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA journal_mode = WAL")
+    _wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
     # KNN scans read every vector: through mmap they skip the page-cache copy, which
     # halves an exact scan (SQLite clamps this to its compile-time maximum).
@@ -106,6 +106,21 @@ def _add_jobs(conn: Any) -> None:
     """Schema 2: ingestion jobs (jobtable.py)."""
     for statement in create_sql(JOBS, "REAL"):
         conn.execute(statement)
+
+
+def _wal(conn: Any, wait: float = 30.0) -> None:
+    """Switch to WAL. On a new file, while another process holds the write lock creating
+    the index, SQLite answers "database is locked" at once (no busy handler for a
+    journal-mode change): wait for it like any other writer."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as e:  # sqlite3 or sqlean's OperationalError
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _blob(vector: np.ndarray) -> bytes:
