@@ -79,6 +79,13 @@ class TextNotSupported(ImageFinderError):
     code = "text_not_supported"
 
 
+class NotCalibrated(ImageFinderError):
+    """A duplicate level that needs a distance threshold the index's model (or its
+    weights) has never been calibrated for."""
+
+    code = "not_calibrated"
+
+
 class StoreError(ImageFinderError):
     """The index cannot be opened, read or written."""
 

@@ -7,17 +7,20 @@ A server serves one or more indexes (``Indexes``), one ``Service`` each.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import augment, query
+from . import augment, duplicates, query
 from .config import DEFAULT_INDEX, Settings
 from .errors import (
     IndexNotReady,
+    InvalidRequest,
     ModelUnavailable,
     StoreError,
     TextNotSupported,
@@ -46,6 +49,27 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
     if recorded in ("", "bundled"):
         return None
     return recorded
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a search searches with: one vector, and what recognises the query's copies
+    among the results (its images' content hashes and own vectors; none for a text)."""
+
+    vector: np.ndarray
+    hashes: tuple[str, ...] = ()
+    vectors: tuple[np.ndarray, ...] = ()
+    # Ids never returned: the query images themselves, when they are catalogue images.
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Found:
+    """One page of results, and what ``response`` needs to describe them."""
+
+    results: list[tuple[str, float]]
+    next_offset: int | None
+    query: Query
 
 
 class Service:
@@ -176,29 +200,86 @@ class Service:
     def search_vector(
         self, vector: np.ndarray, options: SearchOptions, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]:
+        return self.search(Query(vector, exclude=tuple(exclude)), options).results
+
+    def search(self, q: Query, options: SearchOptions) -> Found:
         expand = self.settings.expand if options.expand is None else options.expand
-        return query.run(self.store, vector, options.k, expand, exclude)
+        results = query.run(
+            self.store,
+            q.vector,
+            options.k,
+            expand,
+            q.exclude,
+            offset=options.offset,
+            where=options.where,
+            max_distance=options.max_distance,
+        )
+        return Found(results, options.next_offset(len(results)), q)
 
-    def search_bytes(self, data: bytes, options: SearchOptions) -> list[tuple[str, float]]:
-        return self.search_vector(self.embed_upload(data), options)
+    def search_bytes(self, data: bytes, options: SearchOptions) -> Found:
+        return self.search_uploads([data], options)
 
-    def search_text(self, text: str, options: SearchOptions) -> list[tuple[str, float]]:
-        return self.search_vector(self.embed_text(text), options)
+    def search_uploads(self, uploads: Sequence[bytes], options: SearchOptions) -> Found:
+        """Search with one image, or several combined ("more like these": the normalised
+        mean of their vectors). Several: those that are catalogue images (the same file
+        content) are left out of the results, being the query itself."""
+        if not 1 <= len(uploads) <= query.MAX_QUERIES:
+            raise InvalidRequest(
+                f"send between 1 and {query.MAX_QUERIES} images, not {len(uploads)}"
+            )
+        embedder = self.ready()[0]
+        vectors = tuple(self.embed_upload(data, embedder) for data in uploads)
+        hashes = tuple(hashlib.sha256(data).hexdigest() for data in uploads)
+        exclude: tuple[str, ...] = ()
+        if len(uploads) > 1:
+            own = self.store.ids_with_hashes(hashes)
+            exclude = tuple(i for ids in own.values() for i in ids)
+        return self.search(Query(query.combine(vectors), hashes, vectors, exclude), options)
 
-    def search_id(self, image_id: str, options: SearchOptions) -> list[tuple[str, float]]:
+    def search_text(self, text: str, options: SearchOptions) -> Found:
+        return self.search(Query(self.embed_text(text)), options)
+
+    def search_id(self, image_id: str, options: SearchOptions) -> Found:
         _, store = self.ready()
         vector = store.vector_of(image_id)
         if vector is None:
             raise unknown_id(image_id)
-        return self.search_vector(vector, options, exclude=(image_id,))
+        digest = store.hashes_of([image_id]).get(image_id)
+        hashes = (digest,) if digest else ()
+        return self.search(Query(vector, hashes, (vector,), (image_id,)), options)
 
-    def response(self, results: list[tuple[str, float]]) -> dict[str, Any]:
-        """A search's answer, as the API sends it and ``search --json`` prints it."""
+    def response(self, found: Found) -> dict[str, Any]:
+        """A search's answer, as the API sends it and ``search --json`` prints it: each
+        result with its metadata and its ``match`` to the query (``exact``: the same
+        file content; ``near``: within the model's calibrated near-duplicate distance of
+        a query image; else null)."""
         meta = self.store.meta()
+        ids = [i for i, _ in found.results]
+        metadata = self.store.metadata_of(ids)
+        q = found.query
+        hashes = self.store.hashes_of(ids) if q.hashes else {}
+        near = duplicates.near_distance(meta) if q.vectors else None
+        closest = {i: d for i, d in found.results}
+        if near is not None and len(q.vectors) > 1:
+            # Near to one of the query images, not to their mean.
+            raw = self.store.vectors_of(ids)
+            closest = {
+                i: min(float(np.linalg.norm(raw[i] - v)) for v in q.vectors) if i in raw else d
+                for i, d in found.results
+            }
         return {
             "model": meta.get("model", ""),
             "metric": meta.get("metric", ""),
-            "results": [{"id": i, "distance": d} for i, d in results],
+            "results": [
+                {
+                    "id": i,
+                    "distance": d,
+                    "match": duplicates.match(closest[i], hashes.get(i) in q.hashes, near),
+                    "metadata": metadata.get(i, {}),
+                }
+                for i, d in found.results
+            ],
+            "next_offset": found.next_offset,
         }
 
     def health(self) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from .base import command, db_option, load_settings
 
 
 @command()
-@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--text", help="Search by a text instead of IMAGE (indexes of a text model).")
+@click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", help="Search by a text instead of IMAGES (indexes of a text model).")
 @db_option
 @click.option(
     "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
@@ -24,38 +24,72 @@ from .base import command, db_option, load_settings
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
 )
 @click.option(
+    "--offset",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 999),
+    help="Skip this many results (paging); k + offset <= 1000.",
+)
+@click.option(
+    "--max-distance",
+    type=click.FloatRange(0),
+    help="Drop results farther than this L2 distance (0 = identical).",
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="COLUMN=VALUE",
+    help="Only images whose metadata has this value (repeat: all must hold).",
+)
+@click.option(
     "--expand/--no-expand",
     default=None,
     help="Query expansion, αQE (default: $IMAGEFINDER_EXPAND, on).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
 def search(
-    image: str | None,
+    images: tuple[str, ...],
     text: str | None,
     db: str | None,
     index: str | None,
     k: int,
+    offset: int,
+    max_distance: float | None,
+    filters: tuple[str, ...],
     expand: bool | None,
     as_json: bool,
 ) -> None:
-    """Find the indexed images nearest to IMAGE, or best matching --text."""
+    """Find the indexed images nearest to IMAGES, or best matching --text.
+
+    Several IMAGES are searched as one ("more like these": the normalised mean of their
+    vectors); those that are catalogue images are left out of the results.
+    """
+    from ..metadata import parse_filter
     from ..query import SearchOptions
     from ..service import Indexes
 
-    if (image is None) == (text is None):
-        raise click.UsageError("give either an IMAGE or --text, not both or neither")
+    if bool(images) == (text is not None):
+        raise click.UsageError(
+            "give either an IMAGE or --text, not both or neither (several IMAGEs are "
+            "searched as one)"
+        )
     service = Indexes(load_settings(db=db)).get(index)
-    options = SearchOptions(k=k, expand=expand)
+    options = SearchOptions(
+        k=k, expand=expand, offset=offset, max_distance=max_distance, where=parse_filter(filters)
+    )
     if text is not None:
-        results = service.search_text(text, options)
+        found = service.search_text(text, options)
     else:
-        assert image is not None
-        results = service.search_bytes(Path(image).read_bytes(), options)
+        found = service.search_uploads([Path(image).read_bytes() for image in images], options)
+    answer = service.response(found)
     if as_json:
-        click.echo(json.dumps(service.response(results), indent=2))
-    else:
-        for image_id, distance in results:
-            click.echo(f"{distance:.4f}  {image_id}")
+        click.echo(json.dumps(answer, indent=2))
+        return
+    for r in answer["results"]:
+        mark = f"  [{r['match']}]" if r["match"] else ""
+        fields = "  " + " ".join(f"{key}={value}" for key, value in r["metadata"].items())
+        click.echo(f"{r['distance']:.4f}  {r['id']}{mark}{fields.rstrip()}")
 
 
 @command()

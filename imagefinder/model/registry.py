@@ -40,6 +40,19 @@ class Built:
     encode_text: Callable[[Any], Any] | None = None
 
 
+@dataclass(frozen=True)
+class DuplicateThresholds:
+    """L2 distances between two images' vectors at or below which they are the same
+    picture (``near``: re-encoded, resized, cropped a little, rotated by EXIF,
+    overlaid or colour-shifted) or look alike (``similar``). Measured by
+    bench/duplicates.py on real photos (bench/results/duplicates.md), for the weights
+    named: vectors of other weights are another space, and get no thresholds."""
+
+    weights: str
+    near: float
+    similar: float
+
+
 # weights argument (a name, a file path, or None for the default) -> Built, or the older
 # (module, weights_id) pair.
 Builder = Callable[[str | None], "Built | tuple[Any, str]"]
@@ -61,6 +74,8 @@ class ModelSpec:
     own_preprocessing: str | None = None
     # What --weights takes, for help texts and errors.
     weights_help: str = "a local weights file"
+    # Calibrated duplicate levels; None: never measured (no weights to measure with).
+    duplicates: DuplicateThresholds | None = None
 
     @property
     def preprocessing(self) -> str:

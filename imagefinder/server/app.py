@@ -48,6 +48,7 @@ STATUS = {
     "invalid_request": 422,
     "invalid_id": 422,
     "text_not_supported": 422,
+    "not_calibrated": 422,
     "index_missing": 503,
     "index_empty": 503,
     "index_unusable": 503,

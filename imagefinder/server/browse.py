@@ -24,7 +24,7 @@ from ..images import FORMATS, sniff
 from ..service import Service, build_command
 from ..store import FileState
 from . import thumbs
-from .deps import IndexesDep
+from .deps import IndexesDep, answer
 from .schemas import ID_ERRORS, NOT_MODIFIED, SearchParams, SearchResponse
 
 STATIC = Path(str(files("imagefinder.server") / "static"))
@@ -129,8 +129,7 @@ async def get_similar(
 ) -> dict[str, Any]:
     service = indexes.get(params.index)
     check_id(image_id)
-    results = await run_in_threadpool(service.search_id, image_id, params.options())
-    return service.response(results)
+    return await answer(service, service.search_id, image_id, params.options())
 
 
 @router.get(

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
-from .deps import IndexesDep, read_upload
+from ..errors import InvalidRequest
+from ..query import MAX_QUERIES
+from .deps import IndexesDep, answer, read_upload
 from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, Health, SearchParams, SearchResponse, TextQuery
 
 router = APIRouter()
@@ -18,18 +20,27 @@ router = APIRouter()
     "/similarity-search",
     response_model=SearchResponse,
     responses=UPLOAD_ERRORS,
-    summary="The k catalogue images nearest to an uploaded image",
+    summary="The k catalogue images nearest to an uploaded image, or to several",
 )
 async def similarity_search(
     indexes: IndexesDep,
-    file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
+    file: Annotated[
+        list[UploadFile],
+        File(
+            description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF). Repeat the part for "
+            f"several ('more like these', at most {MAX_QUERIES}): they are searched as one, "
+            "the normalised mean of their vectors, and those that are catalogue images "
+            "(the same file content) are left out of the results"
+        ),
+    ],
     params: Annotated[SearchParams, Form()],
 ) -> dict[str, Any]:
     service = indexes.get(params.index)
     options = params.options()
-    data = await read_upload(file, service)
-    results = await run_in_threadpool(service.search_bytes, data, options)
-    return service.response(results)
+    if len(file) > MAX_QUERIES:
+        raise InvalidRequest(f"at most {MAX_QUERIES} images per search, not {len(file)}")
+    uploads = [await read_upload(f, service) for f in file]
+    return await answer(service, service.search_uploads, uploads, options)
 
 
 @router.post(
@@ -40,8 +51,7 @@ async def similarity_search(
 )
 async def text_search(indexes: IndexesDep, params: Annotated[TextQuery, Form()]) -> dict[str, Any]:
     service = indexes.get(params.index)
-    results = await run_in_threadpool(service.search_text, params.q, params.options())
-    return service.response(results)
+    return await answer(service, service.search_text, params.q, params.options())
 
 
 @router.get("/health", response_model=Health, summary="Status, model and vector count")

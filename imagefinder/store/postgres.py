@@ -6,6 +6,8 @@ Layout (schema version 1, in the connection's current schema):
 - ``imagefinder_images``: one row per id with path, content hash, size, mtime and a
   ``vector(D)`` column, exact float32.
 - ``imagefinder_stats(rows)``: the row count, kept up to date by every write.
+- ``imagefinder_images.metadata`` (jsonb) with a GIN index, and an index on ``sha256``
+  (schema version 2, see ``pg_metadata.py``).
 - ``imagefinder_images_hnsw``: an HNSW index under L2. pgvector indexes ``vector``
   columns of at most 2000 dimensions, so wider vectors (resnet50's 2048) are indexed
   as ``halfvec`` (16-bit) and the candidates re-ranked by their exact float32 distance.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +30,9 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
-from . import pgdba
+from ..metadata import Metadata, Where
+from . import pg_metadata as md
+from . import pgdba, pgsearch
 from .base import DBA_KEY, FileState, Item, Store, display_location, keyset_pages, new_meta
 from .pgvector import register_vector
 
@@ -42,9 +46,6 @@ HNSW = "imagefinder_images_hnsw"
 # at 200 it stays near 19 ms with recall 1.0 at 100k, where 40 reached 0.975
 # (bench/bench_stores.py).
 DEFAULT_EF_SEARCH = 200
-# pgvector's limit for HNSW over ``vector``; ``halfvec`` goes to 4000.
-MAX_VECTOR_INDEX_DIM = 2000
-MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
@@ -66,6 +67,8 @@ class PGStore(Store):
 
     kind = "postgres"
     rebuild_hint = "rebuild it into a new database"
+    # Version 2: image metadata and the content-hash index.
+    migrations = (md.migrate,)
     # A run into an empty table, or one that at least doubles the table and writes this
     # many rows, drops the HNSW index first and builds it once at the end: far faster
     # than inserting row by row (a few ms per 2048-d row).
@@ -236,14 +239,9 @@ class PGStore(Store):
             raise StoreError(f"{self.location} is not an index yet")
         return int(meta["dim"])
 
-    @staticmethod
-    def _indexed(dim: int, value: str) -> str:
-        """The expression the HNSW index covers, applied to ``value``."""
-        return value if dim <= MAX_VECTOR_INDEX_DIM else f"({value})::halfvec({dim})"
-
     def _create_index_sql(self, dim: int) -> str:
-        ops = "vector_l2_ops" if dim <= MAX_VECTOR_INDEX_DIM else "halfvec_l2_ops"
-        expr = self._indexed(dim, "embedding")
+        ops = "vector_l2_ops" if dim <= pgsearch.MAX_VECTOR_INDEX_DIM else "halfvec_l2_ops"
+        expr = pgsearch.indexed(dim, "embedding")
         return f"CREATE INDEX IF NOT EXISTS {HNSW} ON {IMAGES} USING hnsw (({expr}) {ops})"
 
     # -- reads -------------------------------------------------------------
@@ -295,8 +293,28 @@ class PGStore(Store):
             yield [Item(*r) for r in rows]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
+        return self._run_search(vector, fetch, ())
+
+    def _nearest_where(
+        self, vector: np.ndarray, fetch: int, where: Where
+    ) -> list[tuple[str, float]]:
+        """Through HNSW with an iterative scan; if that scan stops short (it visits at
+        most MAX_SCAN_TUPLES rows) while more images match, exactly over the matches."""
+        if not self.meta():
+            return []
+        found = self._run_search(vector, fetch, where)
+        if len(found) < fetch and not self.exact:
+            with self._tx() as conn:
+                matching = md.count(conn, where)
+            if matching > len(found):
+                return self._run_search(vector, fetch, where, exact=True)
+        return found
+
+    def _run_search(
+        self, vector: np.ndarray, fetch: int, where: Where, exact: bool = False
+    ) -> list[tuple[str, float]]:
         query = np.ascontiguousarray(vector, dtype=np.float32)
-        setup, sql, params = self.search_statements(query, fetch)
+        setup, sql, params = self.search_statements(query, fetch, where, exact)
         with self._tx() as conn:
             for statement in setup:
                 conn.execute(statement)
@@ -304,33 +322,12 @@ class PGStore(Store):
         return [(i, float(d)) for i, d in rows]
 
     def search_statements(
-        self, query: np.ndarray, fetch: int
+        self, query: np.ndarray, fetch: int, where: Where = (), exact: bool = False
     ) -> tuple[list[str], str, dict[str, Any]]:
-        """What ``knn`` runs in its transaction: settings, then the query and its parameters.
-
-        Approximate: the HNSW index yields ``ef_search`` candidates (never fewer than
-        ``fetch``: an HNSW scan returns at most ef_search rows), re-ranked by exact
-        float32 distance, which also undoes halfvec rounding. Sequential scans are
-        ruled out because vectors live out of line (TOAST) and the planner, not
-        counting that, would scan a large table rather than use the index.
-        Exact: every row's distance, no index.
-        """
-        if self.exact:
-            setup = ["SET LOCAL enable_indexscan = off"]
-            sql = (
-                f"SELECT id, embedding <-> %(q)b AS distance FROM {IMAGES} "
-                "ORDER BY distance, id LIMIT %(fetch)s"
-            )
-            return setup, sql, {"q": query, "fetch": fetch}
-        dim = self._dim()
-        candidates = min(max(int(self.ef_search), fetch), MAX_EF_SEARCH)
-        setup = [f"SET LOCAL hnsw.ef_search = {candidates}", "SET LOCAL enable_seqscan = off"]
-        order = f"{self._indexed(dim, 'embedding')} <-> {self._indexed(dim, '%(q)b')}"
-        sql = f"""SELECT id, embedding <-> %(q)b AS distance FROM (
-                      SELECT id, embedding FROM {IMAGES} ORDER BY {order} LIMIT %(candidates)s
-                  ) AS c
-                  ORDER BY distance, id LIMIT %(fetch)s"""
-        return setup, sql, {"q": query, "candidates": candidates, "fetch": fetch}
+        """What ``knn`` runs in its transaction (see ``pgsearch.statements``)."""
+        if self.exact or exact:
+            return pgsearch.statements(query, fetch, where)
+        return pgsearch.statements(query, fetch, where, self._dim(), self.ef_search)
 
     # -- writes ------------------------------------------------------------
 
@@ -420,11 +417,26 @@ class PGStore(Store):
         with self._tx() as conn:
             return pgdba.vectors(conn, pgdba.TABLE, ids) if pgdba.exists(conn) else {}
 
-    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        if not self.meta():
-            return {}
+    # -- metadata and content hashes (pg_metadata.py) -------------------------
+
+    def _read(self, fn: Callable[..., Any], arg: Any = None) -> Any:
         with self._tx() as conn:
-            return pgdba.vectors(conn, IMAGES, ids)
+            return fn(conn) if arg is None else fn(conn, arg)
+
+    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
+        return self._read(md.metadata_of, ids) if ids and self.meta() else {}
+
+    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
+        return int(self._read(md.set_metadata, rows)) if self.meta() else 0
+
+    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
+        return self._read(md.hashes_of, ids) if ids and self.meta() else {}
+
+    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return self._read(md.ids_with_hashes, hashes) if hashes and self.meta() else {}
+
+    def hash_groups(self) -> list[list[str]]:
+        return self._read(md.hash_groups) if self.meta() else []
 
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least

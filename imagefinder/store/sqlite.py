@@ -8,6 +8,8 @@ Layout (schema version 1):
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
 - ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
+- ``image_metadata``: each image's metadata columns (schema version 2, see
+  ``sqlite_metadata.py``), and an index on ``images.sha256``.
 - ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
   per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
 
@@ -18,6 +20,7 @@ index consistent and the next run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import threading
 import time
@@ -28,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from ..metadata import Metadata, Where, matches
 from . import coarse, dba
+from . import sqlite_metadata as md
 from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
@@ -36,6 +41,15 @@ from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 # (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
 # 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
 DEFAULT_CANDIDATES = 100
+# ``ef_search`` candidates serve up to this many results; a deeper search (a page at an
+# offset) takes proportionally more, up to vec0's limit on k.
+RESULTS_PER_EF = 10
+MAX_CANDIDATES = 4096
+# A filter matching at most this many images is answered by an exact scan of their
+# vectors (~25 ms at 2048-d); a broader one by approximate candidates, kept if they
+# match, in a pool that grows until it holds enough (bench/filters.py).
+FILTER_SCAN_ROWS = 10_000
+FILTER_POOL_GROWTH = 4
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
 # 256 costs ~0.03 ms and scans as fast.
@@ -98,6 +112,8 @@ class SQLiteStore(Store):
 
     kind = "sqlite"
     rebuild_hint = "rebuild it with a new --db path"
+    # Version 2: image metadata and the content-hash index.
+    migrations = (md.migrate,)
 
     def __init__(
         self,
@@ -265,7 +281,9 @@ class SQLiteStore(Store):
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
         if self.search_mode() == coarse.MODE_BINARY:
             try:
-                rows = coarse.search(self.conn, _blob(vector), fetch, self.ef_search)
+                depth = max(1.0, fetch / RESULTS_PER_EF)
+                candidates = min(MAX_CANDIDATES, math.ceil(self.ef_search * depth))
+                rows = coarse.search(self.conn, _blob(vector), fetch, candidates)
                 return [(i, float(d)) for i, d in rows]
             except Exception as e:  # dropped by a writer since search_mode() looked
                 if "no such table" not in str(e):
@@ -282,8 +300,55 @@ class SQLiteStore(Store):
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
 
+    def _nearest_where(
+        self, vector: np.ndarray, fetch: int, where: Where
+    ) -> list[tuple[str, float]]:
+        """Few matches, or an exact index: scan the matching vectors exactly. Many: grow a
+        pool of approximate candidates until ``fetch`` of them match (a pool of 1/s times
+        what is asked, s the share of images that match, then ``FILTER_POOL_GROWTH``
+        times more each round); a pool that would pass vec0's limit falls back to the
+        exact scan, so a search never comes back short while enough images match."""
+        if not self.meta():
+            return []
+        blob = _blob(vector)
+        matching = md.count(self.conn, where)
+        if matching == 0:
+            return []
+        if self.search_mode() == coarse.MODE_EXACT or matching <= FILTER_SCAN_ROWS:
+            return md.scan(self.conn, blob, fetch, where)
+        share = matching / max(1, self.count())
+        pool = math.ceil(2 * fetch / share)
+        while pool <= MAX_CANDIDATES:
+            found = self._nearest(vector, pool)
+            metadata = self.metadata_of([i for i, _ in found])
+            kept = [(i, d) for i, d in found if matches(metadata.get(i, {}), where)]
+            if len(kept) >= min(fetch, matching) or len(found) < pool:
+                return kept[:fetch]
+            pool *= FILTER_POOL_GROWTH
+        return md.scan(self.conn, blob, fetch, where)
+
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
+
+    # -- metadata and content hashes (sqlite_metadata.py) -----------------------
+
+    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
+        return md.metadata_of(self.conn, ids) if ids and self.meta() else {}
+
+    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
+        if not self.meta():
+            return 0
+        with self.transaction() as conn:
+            return md.set_metadata(conn, rows)
+
+    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
+        return md.hashes_of(self.conn, ids) if ids and self.meta() else {}
+
+    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return md.ids_with_hashes(self.conn, hashes) if hashes and self.meta() else {}
+
+    def hash_groups(self) -> list[list[str]]:
+        return md.hash_groups(self.conn) if self.meta() else []
 
     def set_dba(self, spec: str | None) -> None:
         with self.transaction() as conn:

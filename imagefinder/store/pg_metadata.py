@@ -1,0 +1,89 @@
+"""Image metadata in a PostgreSQL index, in SQL.
+
+Each image's metadata is a ``jsonb`` object in its own row (``imagefinder_images.metadata``,
+schema version 2), so it leaves with the row and an upsert that does not name it keeps
+it. A GIN index (``jsonb_path_ops``) answers containment, ``metadata @> '{"a": "x",
+"b": "y"}'``, which is a filter's AND of pairs in one operator. Version 2 also indexes
+``sha256`` (exact duplicates, query images recognised by content).
+
+A filtered KNN runs through HNSW with pgvector's iterative scans (``hnsw.iterative_scan``,
+pgvector 0.8): the scan goes on past ``ef_search`` until enough rows pass the filter.
+The planner may prefer the GIN index and an exact sort when few rows match.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ..metadata import Metadata, Where
+
+IMAGES = "imagefinder_images"  # as postgres.IMAGES
+GIN = "imagefinder_images_metadata"
+SHA256 = "imagefinder_images_sha256"
+
+
+def migrate(conn: Any) -> None:
+    """Schema version 1 -> 2: metadata, and lookups by content hash."""
+    conn.execute(
+        f"ALTER TABLE {IMAGES} ADD COLUMN IF NOT EXISTS metadata jsonb NOT NULL DEFAULT '{{}}'"
+    )
+    conn.execute(
+        f"CREATE INDEX IF NOT EXISTS {GIN} ON {IMAGES} USING gin (metadata jsonb_path_ops)"
+    )
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {SHA256} ON {IMAGES} (sha256)")
+
+
+def containment(where: Where) -> str:
+    """The jsonb a row's metadata must contain to match ``where``."""
+    return json.dumps(dict(where), ensure_ascii=False)
+
+
+def metadata_of(conn: Any, ids: Sequence[str]) -> dict[str, Metadata]:
+    rows = conn.execute(
+        f"SELECT id, metadata FROM {IMAGES} WHERE id = ANY(%s) AND metadata <> '{{}}'",
+        (list(ids),),
+    )
+    return {i: dict(m) for i, m in rows}
+
+
+def set_metadata(conn: Any, rows: Iterable[tuple[str, Metadata]]) -> int:
+    n = 0
+    for image_id, metadata in rows:
+        n += conn.execute(
+            f"UPDATE {IMAGES} SET metadata = %s::jsonb WHERE id = %s",
+            (json.dumps(metadata, ensure_ascii=False), image_id),
+        ).rowcount
+    return n
+
+
+def count(conn: Any, where: Where) -> int:
+    return int(
+        conn.execute(
+            f"SELECT count(*) FROM {IMAGES} WHERE metadata @> %s::jsonb", (containment(where),)
+        ).fetchone()[0]
+    )
+
+
+def hashes_of(conn: Any, ids: Sequence[str]) -> dict[str, str]:
+    rows = conn.execute(f"SELECT id, sha256 FROM {IMAGES} WHERE id = ANY(%s)", (list(ids),))
+    return dict(rows.fetchall())
+
+
+def ids_with_hashes(conn: Any, hashes: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    rows = conn.execute(
+        f"SELECT sha256, id FROM {IMAGES} WHERE sha256 = ANY(%s) ORDER BY id", (list(hashes),)
+    )
+    for digest, image_id in rows:
+        out.setdefault(digest, []).append(image_id)
+    return out
+
+
+def hash_groups(conn: Any) -> list[list[str]]:
+    rows = conn.execute(
+        f"""SELECT array_agg(id ORDER BY id) FROM {IMAGES}
+            GROUP BY sha256 HAVING count(*) > 1"""
+    )
+    return sorted(list(r[0]) for r in rows)
