@@ -138,6 +138,23 @@ def find(
     return Report(level, max_distance, len(ids), _sorted(groups))
 
 
+def as_json(report: Report, offset: int = 0, limit: int | None = None) -> dict:
+    """The report as the API and ``duplicates --json`` give it: groups
+    ``[offset, offset + limit)``, each a list of {id, distance to the first}."""
+    end = len(report.groups) if limit is None else offset + limit
+    return {
+        "level": report.level,
+        "max_distance": report.max_distance,
+        "images": report.images,
+        "total_groups": len(report.groups),
+        "groups": [
+            {"images": [{"id": i, "distance": d} for i, d in zip(g.ids, g.distances, strict=True)]}
+            for g in report.groups[offset:end]
+        ],
+        "next_offset": end if end < len(report.groups) else None,
+    }
+
+
 def _sorted(groups: list[Group]) -> list[Group]:
     return sorted(groups, key=lambda g: (-len(g.ids), g.ids[0]))
 

@@ -23,6 +23,7 @@ from . import augment
 from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
+from .metadata import read_sidecar
 from .model.embedder import Embedder
 from .store import Item, Store
 
@@ -42,6 +43,8 @@ class Summary:
     missing: int = 0
     # Images whose DBA vectors were recomputed at the end (0: DBA off, or nothing changed).
     augmented: int = 0
+    # Ids this run added (not in the index before it).
+    added: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -224,6 +227,7 @@ def index_folder(
             for (c, digest, _), v in zip(batch, vectors, strict=True)
         )
         summary.indexed += len(batch)
+        summary.added += [c.id for c, _, _ in batch if c.id not in known]
         if on_progress:
             on_progress(len(batch))
         batch.clear()
@@ -269,3 +273,33 @@ def index_folder(
     if augment.enabled(store) and (changed or augment.is_stale(store)):
         summary.augmented = augment.refresh(store)
     return summary
+
+
+# The meta key recording the content hash of the metadata file last applied.
+METADATA_KEY = "metadata_sha256"
+
+
+def apply_metadata(
+    store: Store,
+    path: str | Path,
+    added: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
+) -> tuple[int, list[tuple[str, str]]]:
+    """Give the index's images their metadata from a metadata file (``metadata.py``):
+    every listed image when the file changed since it was last applied, else only the
+    images this run ``added``. Metadata set otherwise (``POST /images``) is left alone
+    until the file changes. Returns how many images were written, and the file's rows
+    that were refused."""
+    digest, rows, refused = read_sidecar(path)
+    key = METADATA_KEY + (f".{shard[0]}of{shard[1]}" if shard else "")
+    changed = store.meta().get(key) != digest
+    ids = [i for i in rows if shard is None or in_shard(i, shard)]
+    if not changed:
+        new = set(added)
+        ids = [i for i in ids if i in new]
+    written = 0
+    for start in range(0, len(ids), 1000):
+        written += store.set_metadata((i, rows[i]) for i in ids[start : start + 1000])
+    if changed:
+        store.set_meta(key, digest)
+    return written, refused

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from .model.registry import MODELS, embeds_text
 from .query import SearchOptions
 from .store import Store, display_location, open_store
 from .store.base import check_compatible
+
+# How long GET /duplicates reuses a report (see Service.duplicates).
+DUPLICATES_TTL = 60.0
 
 
 def build_command(settings: Settings, location: str | None = None) -> str:
@@ -89,6 +93,9 @@ class Service:
         )
         self.embedder: Embedder | None = None
         self._load_lock = threading.Lock()
+        # Duplicate reports by level: (when, image count, report), made one at a time.
+        self._duplicates: dict[str, tuple[float, int, duplicates.Report]] = {}
+        self._duplicates_lock = threading.Lock()
 
     def close(self) -> None:
         self.store.close()
@@ -281,6 +288,20 @@ class Service:
             ],
             "next_offset": found.next_offset,
         }
+
+    def duplicates(self, level: str) -> duplicates.Report:
+        """The index's duplicate groups at ``level``, for the API: one computation at a
+        time per index, and its report reused for DUPLICATES_TTL seconds while the index
+        holds as many images (a full pass reads every vector)."""
+        duplicates.level_distance(self.require_index().meta(), level)  # refuse early
+        with self._duplicates_lock:
+            count = self.store.count()
+            cached = self._duplicates.get(level)
+            if cached and cached[1] == count and time.monotonic() - cached[0] < DUPLICATES_TTL:
+                return cached[2]
+            report = duplicates.find(self.store, level)
+            self._duplicates[level] = (time.monotonic(), count, report)
+            return report
 
     def health(self) -> dict[str, Any]:
         try:

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .base import CONTEXT
 from .catalogue import download, extract
+from .duplicates import duplicates
 from .index import copy, evaluate, info, search, serve
 
 __all__ = ["cli", "download", "extract", "main"]
@@ -22,7 +23,7 @@ def cli() -> None:
     """
 
 
-for _command in (download, extract, search, info, evaluate, copy, serve):
+for _command in (download, extract, search, duplicates, info, evaluate, copy, serve):
     cli.add_command(_command)
 
 

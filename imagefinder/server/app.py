@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import ImageFinderError
 from ..service import Indexes, Service
-from . import browse, search, writes
+from . import browse, duplicates, search, writes
 from .deps import error_response
 
 log = logging.getLogger("imagefinder")
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return error_response(500, "internal_error", "internal error; see the server log")
 
     app.include_router(search.router)
+    app.include_router(duplicates.router)
     app.include_router(writes.router)
     browse.install(app)
 

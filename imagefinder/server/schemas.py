@@ -83,6 +83,29 @@ class SearchResponse(BaseModel):
     )
 
 
+class DuplicateImage(BaseModel):
+    id: str
+    distance: float = Field(description="L2 distance to the group's first image")
+
+
+class DuplicateGroup(BaseModel):
+    images: list[DuplicateImage] = Field(
+        description="The group's representative first (the image most others are within "
+        "the distance of), then the rest by distance to it"
+    )
+
+
+class DuplicatesResponse(BaseModel):
+    level: Literal["exact", "near", "similar"]
+    max_distance: float | None = Field(
+        description="The level's distance for this index's model (null for exact)"
+    )
+    images: int = Field(description="Images in the index")
+    total_groups: int
+    groups: list[DuplicateGroup]
+    next_offset: int | None = Field(description="The offset of the next page of groups, or null")
+
+
 class ErrorDetail(BaseModel):
     status: int
     code: str
@@ -147,6 +170,12 @@ UPLOAD_ERRORS = errors(
 ID_ERRORS = errors(
     _404="No image with this id, or its file is gone; or no index with this name",
     _422="Invalid parameter",
+    _503="The index is missing or empty",
+)
+DUPLICATES_ERRORS = errors(
+    _404="No index with this name",
+    _422="Invalid parameter, or a level the index's model has no calibrated distance for "
+    "(not_calibrated)",
     _503="The index is missing or empty",
 )
 TEXT_ERRORS = errors(

@@ -42,7 +42,7 @@ from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 # 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
 DEFAULT_CANDIDATES = 100
 # ``ef_search`` candidates serve up to this many results; a deeper search (a page at an
-# offset) takes proportionally more, up to vec0's limit on k.
+# offset) takes proportionally more, up to vec0's limit on k, and past it scans exactly.
 RESULTS_PER_EF = 10
 MAX_CANDIDATES = 4096
 # A filter matching at most this many images is answered by an exact scan of their
@@ -279,10 +279,11 @@ class SQLiteStore(Store):
             ]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
-        if self.search_mode() == coarse.MODE_BINARY:
+        # A search deeper than the pre-selection can serve (a page far down) scans
+        # exactly: Hamming candidates lose recall there (bench/paging.py).
+        if self._preselects(fetch) and self.search_mode() == coarse.MODE_BINARY:
+            candidates = math.ceil(self.ef_search * max(1.0, fetch / RESULTS_PER_EF))
             try:
-                depth = max(1.0, fetch / RESULTS_PER_EF)
-                candidates = min(MAX_CANDIDATES, math.ceil(self.ef_search * depth))
                 rows = coarse.search(self.conn, _blob(vector), fetch, candidates)
                 return [(i, float(d)) for i, d in rows]
             except Exception as e:  # dropped by a writer since search_mode() looked
@@ -300,14 +301,18 @@ class SQLiteStore(Store):
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
 
+    def _preselects(self, fetch: int) -> bool:
+        """Whether the binary pre-selection serves a search for ``fetch`` results."""
+        return math.ceil(self.ef_search * max(1.0, fetch / RESULTS_PER_EF)) <= MAX_CANDIDATES
+
     def _nearest_where(
         self, vector: np.ndarray, fetch: int, where: Where
     ) -> list[tuple[str, float]]:
         """Few matches, or an exact index: scan the matching vectors exactly. Many: grow a
         pool of approximate candidates until ``fetch`` of them match (a pool of 1/s times
         what is asked, s the share of images that match, then ``FILTER_POOL_GROWTH``
-        times more each round); a pool that would pass vec0's limit falls back to the
-        exact scan, so a search never comes back short while enough images match."""
+        times more each round); a pool deeper than the pre-selection serves falls back to
+        the exact scan, so a search never comes back short while enough images match."""
         if not self.meta():
             return []
         blob = _blob(vector)
@@ -318,7 +323,7 @@ class SQLiteStore(Store):
             return md.scan(self.conn, blob, fetch, where)
         share = matching / max(1, self.count())
         pool = math.ceil(2 * fetch / share)
-        while pool <= MAX_CANDIDATES:
+        while self._preselects(pool):
             found = self._nearest(vector, pool)
             metadata = self.metadata_of([i for i, _ in found])
             kept = [(i, d) for i, d in found if matches(metadata.get(i, {}), where)]
