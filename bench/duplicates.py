@@ -186,7 +186,7 @@ def calibrate(name: str, weights: str | None) -> dict:
     rng = np.random.default_rng(SEED)
     names = list(EDITS)
     pairs, blobs = [], []
-    for i, path in enumerate(photos):
+    for i in range(len(photos)):
         img = load_rgb(originals[i], 100_000_000)
         for j in range(EDITS_PER_PHOTO):
             edit = names[(i + j * 2) % len(names)]
