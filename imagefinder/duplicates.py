@@ -14,10 +14,9 @@ caller gives a distance of its own (``max_distance``).
 
 Groups are the connected components of the graph "within the distance", found without
 comparing every pair: an in-memory inverted file (``radius_pairs``) compares each
-image only with the images of the few lists it can have a neighbour in, in numpy
-blocks, and a vectorised union-find joins the pairs. The result is exact for the
-distance (no neighbour is missed), and costs seconds at 100k images
-(bench/results/duplicates.md).
+image with the images of its few nearest lists, in numpy blocks, and a vectorised
+union-find joins the pairs. Time at 100k images, and the share of pairs found against
+comparing every pair: bench/results/duplicates.md.
 """
 
 from __future__ import annotations
@@ -37,6 +36,9 @@ LEVELS = ("exact", "near", "similar")
 # over a sample (balance matters for speed only: the search is exact whatever the
 # centroids).
 LIST_SIZE = 200
+# Lists each image is compared in (its nearest ones): recall of pairs within the near
+# and similar distances vs every pair compared (bench/results/duplicates.md).
+PROBES = 8
 SAMPLE_PER_LIST = 16
 LLOYD_ROUNDS = 4
 BLOCK = 1024
@@ -175,48 +177,55 @@ def radius_pairs(
     matrix: np.ndarray,
     radius: float,
     on_progress: Callable[[int, int], None] | None = None,
+    probes: int = PROBES,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Blocks of index pairs (a, b), a != b, with ``|matrix[a] - matrix[b]| <= radius``:
-    every such pair at least once.
+    """Blocks of index pairs (a, b), a != b, with ``|matrix[a] - matrix[b]| <= radius``.
 
-    Each row has a primary list (its nearest centroid) and joins, as a secondary, every
-    list whose centroid is within its primary distance + 2 radius. If |a - b| <= r and
-    a's primary list is i, then |b - c_i| <= |b - a| + |a - c_i| <= r + |a - c_b| <=
-    2r + |b - c_b|, so b is a secondary of i: comparing each list's primaries with its
-    secondaries finds every pair."""
+    An inverted file: k-means lists, each row in the list of its nearest centroid, and
+    each row compared with the rows of its ``probes`` nearest lists. A list whose
+    centroid is farther than ``|a - c_a| + 2 radius`` from a cannot hold a neighbour of
+    a (for b within radius of a: ``|a - c_b| <= |a - b| + |b - c_b| <= radius +
+    |b - c_a| <= 2 radius + |a - c_a|``), so those are skipped. A pair is found when
+    either row's list is among the lists the other probes; pairs across lists farther
+    apart are missed, which is rare for pairs this close (recall against comparing
+    every pair: bench/results/duplicates.md)."""
     n = len(matrix)
     if n < 2:
         return
     matrix = np.asarray(matrix, dtype=np.float32)
     norms = np.einsum("ij,ij->i", matrix, matrix)
     centroids = _centroids(matrix, max(1, n // LIST_SIZE))
+    n_lists = len(centroids)
+    probes = min(probes, n_lists)
     cnorms = np.einsum("ij,ij->i", centroids, centroids)
     primary = np.empty(n, dtype=np.int64)
     rows, lists = [], []
     for start in range(0, n, 4096):
         x = matrix[start : start + 4096]
         d = np.sqrt(np.maximum(norms[start : start + 4096, None] - 2 * x @ centroids.T + cnorms, 0))
-        best = d.argmin(axis=1)
+        nearest = np.argpartition(d, probes - 1, axis=1)[:, :probes]
+        near_d = np.take_along_axis(d, nearest, axis=1)
+        best = nearest[np.arange(len(x)), near_d.argmin(axis=1)]
         primary[start : start + len(x)] = best
         bound = d[np.arange(len(x)), best] + 2 * radius + 1e-6
-        r, c = np.nonzero(d <= bound[:, None])
+        r, c = np.nonzero(near_d <= bound[:, None])
         rows.append(r + start)
-        lists.append(c)
-    members = _by_list(np.concatenate(rows), np.concatenate(lists), len(centroids))
-    primaries = _by_list(np.arange(n), primary, len(centroids))
+        lists.append(nearest[r, c])
+    queries = _by_list(np.concatenate(rows), np.concatenate(lists), n_lists)
+    members = _by_list(np.arange(n), primary, n_lists)
     limit = radius * radius
-    for i, (p, s) in enumerate(zip(primaries, members, strict=True)):
-        if len(p) and len(s) > 1:
-            others = matrix[s]
-            for lo in range(0, len(p), BLOCK):
-                rows_p = p[lo : lo + BLOCK]
-                d2 = norms[rows_p, None] + norms[s] - 2 * (matrix[rows_p] @ others.T)
+    for i, (q, m) in enumerate(zip(queries, members, strict=True)):
+        if len(m) and len(q):
+            block = matrix[m]
+            for lo in range(0, len(q), BLOCK):
+                rows_q = q[lo : lo + BLOCK]
+                d2 = norms[rows_q, None] + norms[m] - 2 * (matrix[rows_q] @ block.T)
                 a, b = np.nonzero(d2 <= limit)
-                keep = rows_p[a] != s[b]
+                keep = rows_q[a] != m[b]
                 if keep.any():
-                    yield rows_p[a[keep]], s[b[keep]]
+                    yield rows_q[a[keep]], m[b[keep]]
         if on_progress:
-            on_progress(i + 1, len(centroids))
+            on_progress(i + 1, n_lists)
 
 
 def _by_list(rows: np.ndarray, lists: np.ndarray, n_lists: int) -> list[np.ndarray]:

@@ -41,11 +41,12 @@ def containment(where: Where) -> str:
 
 
 def metadata_of(conn: Any, ids: Sequence[str]) -> dict[str, Metadata]:
+    """Each id's metadata, columns in name order (as SQLite gives them)."""
     rows = conn.execute(
         f"SELECT id, metadata FROM {IMAGES} WHERE id = ANY(%s) AND metadata <> '{{}}'",
         (list(ids),),
     )
-    return {i: dict(m) for i, m in rows}
+    return {i: dict(sorted(m.items())) for i, m in rows}
 
 
 def set_metadata(conn: Any, rows: Iterable[tuple[str, Metadata]]) -> int:

@@ -1,0 +1,268 @@
+"""Metadata: the catalogue CSV's columns beyond url,id travel through download and
+extract into the index, come back in results, and filter searches; POST /images takes
+them as form fields; extract over a folder leaves them alone; copy carries them.
+
+The fake model embeds (the model is not the point); stores, servers and files are real.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import fake_model
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from image_server import ImageServer
+from support import assert_error, image_bytes
+
+from imagefinder.catalog import parse_catalog
+from imagefinder.cli import cli
+from imagefinder.config import Settings
+from imagefinder.errors import CatalogError, InvalidRequest
+from imagefinder.indexer import index_folder
+from imagefinder.metadata import parse_filter, read_sidecar
+from imagefinder.server.app import create_app
+from imagefinder.service import Service
+from imagefinder.store import open_store
+from imagefinder.store.transfer import copy_index
+
+TOKEN = "metadata-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 170, 40)}
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_csv_columns_beyond_url_and_id_are_metadata():
+    rows = parse_catalog(
+        b"url,id,Category, brand ,price,\n"
+        b"http://a.test/1.jpg,one,shoes,Acme,9.90,\n"
+        b"http://a.test/2.jpg,two,hats,,12,\n"
+    )
+    assert [(r.id, r.metadata, r.problem) for r in rows] == [
+        ("one", {"Category": "shoes", "brand": "Acme", "price": "9.90"}, None),
+        ("two", {"Category": "hats", "price": "12"}, None),  # an empty cell is no value
+    ]
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"url,id,colour,colour\n", "column 'colour' appears twice"),
+        (b"url,id,a=b\n", "contains '=' or a control character"),
+        (b"url,id," + b"x" * 65 + b"\n", "longer than 64 characters"),
+    ],
+)
+def test_a_bad_metadata_column_is_one_error_naming_line_1(header, message):
+    with pytest.raises(CatalogError, match=message) as e:
+        parse_catalog(header + b"http://a.test/1.jpg,one,x,y\n", name="cat.csv")
+    assert str(e.value).startswith("cat.csv:1: ")
+
+
+def test_a_row_with_an_oversized_value_is_skipped_with_its_reason():
+    rows = parse_catalog(b"url,id,note\nhttp://a.test/1.jpg,one," + b"x" * 1001 + b"\n")
+    assert rows[0].problem == "the value of 'note' is longer than 1000 characters"
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["category"], "is not column=value"),
+        (["=shoes"], "is not column=value"),
+        (["category="], "is not column=value"),
+        (["a=1", "a=2"], "names 'a' twice"),
+        ([f"c{i}=v" for i in range(9)], "at most 8"),
+        (["id=3"], "the catalogue's own column"),
+    ],
+)
+def test_bad_filters_are_refused_with_the_fix(pairs, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse_filter(pairs)
+
+
+def test_a_filter_is_split_at_its_first_equals_sign():
+    assert parse_filter([" size = 10=ten ", "brand=Acme", "brand=Acme"]) == (
+        ("brand", "Acme"),
+        ("size", "10=ten"),
+    )
+
+
+# -- from the CSV to the index, through the real commands ------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    with ImageServer() as s:
+        yield s
+
+
+def write_catalogue(path, server, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["url", "id", "category", "brand"])
+        for image_id, category, brand in rows:
+            writer.writerow([server.url(f"/img/{image_id}.jpg"), image_id, category, brand])
+
+
+def test_download_and_extract_carry_metadata_to_the_index(image_server, tmp_path, model):
+    csv_path, images, db = tmp_path / "cat.csv", tmp_path / "images", tmp_path / "index.db"
+    write_catalogue(csv_path, image_server, [("a", "shoes", "Acme"), ("b", "hats", "")])
+    downloaded = run("download", "--csv_file", str(csv_path), "--output-dir", str(images))
+    assert downloaded.exit_code == 0, downloaded.output
+    _, sidecar, refused = read_sidecar(images / "metadata.csv")
+    assert sidecar == {"a": {"category": "shoes", "brand": "Acme"}, "b": {"category": "hats"}}
+    assert refused == []
+
+    args = ["extract", "--folder", str(images), "--db", str(db), "--model", fake_model.NAME]
+    extracted = run(*args)
+    assert extracted.exit_code == 0, extracted.output
+    assert f"metadata: 2 images updated from {images / 'metadata.csv'}" in extracted.stderr
+    store = open_store(str(db))
+    assert store.metadata_of(["a", "b"]) == sidecar
+
+    # Set otherwise (as POST /images would): a later extract leaves it alone...
+    store.set_metadata([("a", {"category": "boots"})])
+    again = run(*args)
+    assert again.exit_code == 0 and "metadata:" not in again.stderr
+    assert store.metadata_of(["a"]) == {"a": {"category": "boots"}}
+    # ...until the CSV changes: it is the source of the images it lists.
+    write_catalogue(csv_path, image_server, [("a", "sandals", "Acme"), ("b", "hats", "Hatco")])
+    assert run("download", "--csv_file", str(csv_path), "--output-dir", str(images)).exit_code == 0
+    changed = run(*args)
+    assert "metadata: 2 images updated" in changed.stderr
+    assert store.metadata_of(["a", "b"]) == {
+        "a": {"category": "sandals", "brand": "Acme"},
+        "b": {"category": "hats", "brand": "Hatco"},
+    }
+    store.close()
+
+    found = run("search", str(images / "a.jpg"), "--db", str(db), "--filter", "brand=Hatco", "--json")
+    assert found.exit_code == 0, found.output
+    body = json.loads(found.stdout)
+    assert [(r["id"], r["metadata"]) for r in body["results"]] == [
+        ("b", {"category": "hats", "brand": "Hatco"})
+    ]
+    text = run("search", str(images / "a.jpg"), "--db", str(db), "--filter", "category=hats")
+    # The server gave every image the same bytes: b is an exact copy of a.
+    assert text.stdout.split("  ")[1:] == ["b", "[exact]", "brand=Hatco category=hats\n"]
+
+
+def test_extract_reads_a_metadata_file_given_by_option_and_reports_bad_rows(tmp_path, model):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        (folder / f"{name}.png").write_bytes(image_bytes((40, 30), rgb, "PNG"))
+    meta = tmp_path / "products.csv"
+    meta.write_text(f"id,colour,note\nred,warm,\nblue,cold,{'x' * 1001}\nnobody,none,\n")
+    db = tmp_path / "index.db"
+    args = ["extract", "--folder", str(folder), "--db", str(db), "--model", fake_model.NAME]
+    result = run(*args, "--metadata", str(meta))
+    assert result.exit_code == 0, result.output
+    assert f"skipping {meta}:3: the value of 'note' is longer than 1000 characters" in result.stderr
+    assert "metadata: 1 images updated" in result.stderr  # unknown ids are not images
+    store = open_store(str(db))
+    assert store.metadata_of(["red", "blue", "green"]) == {"red": {"colour": "warm"}}
+    store.close()
+
+
+# -- the API -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(tmp_path, db_location, model):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        for shade in range(4):
+            colour = tuple(c + 6 * shade for c in rgb)
+            (folder / f"{name}{shade}.png").write_bytes(image_bytes((48, 36), colour, "PNG"))
+    store = open_store(db_location)
+    index_folder(folder, store, model)
+    store.set_metadata(
+        (f"{name}{shade}", {"shade": str(shade), "warm": "yes" if name == "red" else "no"})
+        for name in COLOURS
+        for shade in range(4)
+    )
+    store.close()
+    settings = Settings(db=db_location, images_dir=str(folder), api_token=TOKEN)
+    service = Service(settings)
+    service.embedder = model
+    with TestClient(create_app(service=service)) as c:
+        yield c
+    service.close()
+
+
+def search(client, data: bytes, **form):
+    return client.post(
+        "/similarity-search", files={"file": ("q.png", data, "image/png")}, data=form
+    )
+
+
+def test_results_carry_metadata_and_filters_keep_k_results(client):
+    blue = image_bytes((48, 36), COLOURS["blue"], "PNG")
+    plain = search(client, blue, k="3").json()["results"]
+    assert all(r["id"].startswith("blue") for r in plain)
+    assert all(r["metadata"]["warm"] == "no" for r in plain)
+    warm = search(client, blue, k="3", filter="warm=yes")
+    assert warm.status_code == 200, warm.text
+    assert [r["id"][:3] for r in warm.json()["results"]] == ["red"] * 3
+    both = search(client, blue, k="5", filter=["warm=yes", "shade=2"]).json()["results"]
+    assert [(r["id"], r["metadata"]) for r in both] == [("red2", {"shade": "2", "warm": "yes"})]
+    similar = client.get("/images/green1/similar", params={"k": 2, "filter": "shade=3"})
+    assert similar.status_code == 200, similar.text
+    found = similar.json()["results"]
+    assert [r["id"] for r in found][0] == "green3" and len(found) == 2
+    assert all(r["metadata"]["shade"] == "3" for r in found)
+    assert_error(search(client, blue, filter="nonsense"), 422, "invalid_request")
+
+
+def test_post_images_takes_metadata_fields(client):
+    data = image_bytes((48, 36), (250, 250, 20), "PNG")
+
+    def post(image_id, **fields):
+        return client.post(
+            "/images",
+            headers=AUTH,
+            files={"file": ("y.png", data, "image/png")},
+            data={"id": image_id, **fields},
+        )
+
+    assert post("yellow", category="fruit", brand="Sunny").status_code == 201
+    first = search(client, data, k="1").json()["results"][0]
+    assert first["id"] == "yellow"
+    assert first["metadata"] == {"category": "fruit", "brand": "Sunny"}
+    assert post("yellow").status_code == 201  # replaced, no fields: metadata kept
+    assert search(client, data, k="1").json()["results"][0]["metadata"] == first["metadata"]
+    assert post("yellow", category="lemon").status_code == 201  # fields replace it all
+    assert search(client, data, k="1").json()["results"][0]["metadata"] == {"category": "lemon"}
+    refused = post("banana", url="http://x")
+    assert_error(refused, 422, "invalid_request")
+    assert "catalogue's own column" in refused.json()["error"]["message"]
+    assert search(client, data, k="2", filter="category=lemon").json()["results"][0]["id"] == (
+        "yellow"
+    )
+
+
+def test_copy_carries_metadata(tmp_path, db_location, model):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        (folder / f"{name}.png").write_bytes(image_bytes((40, 30), rgb, "PNG"))
+    source = open_store(str(tmp_path / "source.db"))
+    index_folder(folder, source, model)
+    source.set_metadata([("red", {"hot": "yes"}), ("blue", {"hot": "no"})])
+    target = open_store(db_location)
+    copy_index(source, target)
+    assert target.metadata_of(["red", "blue", "green"]) == {
+        "red": {"hot": "yes"},
+        "blue": {"hot": "no"},
+    }
+    assert [i for i, _ in target.knn(source.vector_of("blue"), 3, where=(("hot", "yes"),))] == [
+        "red"
+    ]
+    source.close()
+    target.close()
