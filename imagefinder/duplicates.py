@@ -133,9 +133,11 @@ def find(
         components.union(a, b)
     groups = []
     for members in components.groups():
+        # In id order, so ties (in links, in distance) go to the smaller id on every store.
+        members = members[np.argsort([ids[m] for m in members], kind="stable")]
         rep = members[np.argmax(components.degree[members])]
         dist = np.linalg.norm(matrix[members] - matrix[rep], axis=1)
-        order = np.lexsort((members, dist))
+        order = np.argsort(dist, kind="stable")
         groups.append(Group([ids[m] for m in members[order]], [float(d) for d in dist[order]]))
     return Report(level, max_distance, len(ids), _sorted(groups))
 

@@ -33,7 +33,12 @@ if __name__ == "__main__":
     # not whichever one the environment has installed.
     sys.path.insert(0, os.getcwd())
 
-from imagefinder.model.registry import Built, ModelSpec, register  # noqa: E402
+from imagefinder.model.registry import (  # noqa: E402
+    Built,
+    DuplicateThresholds,
+    ModelSpec,
+    register,
+)
 
 NAME = "fake-colour"
 DIM = 128
@@ -69,7 +74,20 @@ def build(weights: str | None) -> tuple[torch.nn.Module, str]:
     return ColourFeatures(), f"seed-{SEED}"
 
 
-SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
+SPEC = register(
+    ModelSpec(
+        NAME,
+        DIM,
+        32,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        build,
+        # Calibrated like the real models (bench/duplicates.py --model fake-colour,
+        # bench/results/duplicates.md); no pair of distinct photos is 90% likely to be of
+        # one class by colour alone, so similar is no looser than near.
+        duplicates=DuplicateThresholds(f"seed-{SEED}", near=0.1279, similar=0.1279),
+    )
+)
 
 TEXT_NAME = "fake-clip"
 TEXT_DIM = 64

@@ -140,7 +140,9 @@ def test_download_and_extract_carry_metadata_to_the_index(image_server, tmp_path
     }
     store.close()
 
-    found = run("search", str(images / "a.jpg"), "--db", str(db), "--filter", "brand=Hatco", "--json")
+    found = run(
+        "search", str(images / "a.jpg"), "--db", str(db), "--filter", "brand=Hatco", "--json"
+    )
     assert found.exit_code == 0, found.output
     body = json.loads(found.stdout)
     assert [(r["id"], r["metadata"]) for r in body["results"]] == [

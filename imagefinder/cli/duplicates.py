@@ -44,6 +44,10 @@ def duplicates(
     from .. import duplicates as dup
     from ..service import Indexes
 
+    if level == "exact" and max_distance is not None:
+        raise click.UsageError(
+            "--level exact compares file contents; --max-distance is for near and similar"
+        )
     service = Indexes(load_settings(db=db)).get(index)
     store = service.require_index()
     bar: Any = None
