@@ -67,6 +67,16 @@ class TooManyPixels(ImageError):
     code = "too_many_pixels"
 
 
+class Busy(ImageFinderError):
+    """The server is busy with the same work for someone else: try again shortly."""
+
+    code = "busy"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelUnavailable(ImageFinderError):
     """The model's weights cannot be loaded."""
 

@@ -20,6 +20,7 @@ import numpy as np
 from . import augment, duplicates, query
 from .config import DEFAULT_INDEX, Settings
 from .errors import (
+    Busy,
     IndexNotReady,
     InvalidRequest,
     ModelUnavailable,
@@ -289,19 +290,38 @@ class Service:
             "next_offset": found.next_offset,
         }
 
-    def duplicates(self, level: str) -> duplicates.Report:
+    def duplicate_report(self, level: str) -> duplicates.Report:
         """The index's duplicate groups at ``level``, for the API: one computation at a
-        time per index, and its report reused for DUPLICATES_TTL seconds while the index
-        holds as many images (a full pass reads every vector)."""
+        time per index (others are told to retry), and its report reused for
+        DUPLICATES_TTL seconds while the index holds as many images (a pass reads every
+        vector: seconds and N x dim x 4 bytes at 100k images)."""
         duplicates.level_distance(self.require_index().meta(), level)  # refuse early
-        with self._duplicates_lock:
-            count = self.store.count()
-            cached = self._duplicates.get(level)
-            if cached and cached[1] == count and time.monotonic() - cached[0] < DUPLICATES_TTL:
-                return cached[2]
-            report = duplicates.find(self.store, level)
-            self._duplicates[level] = (time.monotonic(), count, report)
+        fresh = self._fresh_duplicates(level)
+        if fresh is not None:
+            return fresh
+        # Waiting requests would each hold a server thread for the whole pass: after a
+        # moment they are told to come back instead.
+        if not self._duplicates_lock.acquire(timeout=1.0):
+            raise Busy(
+                f"the duplicate report of index {self.name!r} is being computed; "
+                "try again in a few seconds",
+                retry_after=5,
+            )
+        try:
+            report = self._fresh_duplicates(level)  # made while this one waited?
+            if report is None:
+                count = self.store.count()
+                report = duplicates.find(self.store, level)
+                self._duplicates[level] = (time.monotonic(), count, report)
             return report
+        finally:
+            self._duplicates_lock.release()
+
+    def _fresh_duplicates(self, level: str) -> duplicates.Report | None:
+        cached = self._duplicates.get(level)
+        if cached is None or time.monotonic() - cached[0] >= DUPLICATES_TTL:
+            return None
+        return cached[2] if cached[1] == self.store.count() else None
 
     def health(self) -> dict[str, Any]:
         try:

@@ -245,3 +245,19 @@ def test_several_query_images_leave_themselves_out(client, caltech_dir):
     assert results["flamingo-reencoded"] == "near" and results["camera-small"] == "near"
     too_many = [files[0]] * 11
     assert_error(client.post("/similarity-search", files=too_many), 422, "invalid_request")
+
+
+def test_one_report_is_computed_at_a_time_and_reused(client):
+    service = client.app.state.service
+    first = client.get("/duplicates", params={"level": "near"}).json()
+    # While a report is being computed (the lock held), another request is told to come
+    # back rather than hold a server thread; a report made already is served from memory.
+    assert service._duplicates_lock.acquire()
+    try:
+        assert client.get("/duplicates", params={"level": "near"}).json() == first
+        busy = client.get("/duplicates", params={"level": "exact"})
+        assert_error(busy, 503, "busy")
+        assert busy.headers["Retry-After"] == "5"
+    finally:
+        service._duplicates_lock.release()
+    assert client.get("/duplicates", params={"level": "exact"}).status_code == 200

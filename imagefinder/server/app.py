@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
-from ..errors import ImageFinderError
+from ..errors import Busy, ImageFinderError
 from ..service import Indexes, Service
 from . import browse, duplicates, search, writes
 from .deps import error_response
@@ -49,6 +49,7 @@ STATUS = {
     "invalid_id": 422,
     "text_not_supported": 422,
     "not_calibrated": 422,
+    "busy": 503,
     "index_missing": 503,
     "index_empty": 503,
     "index_unusable": 503,
@@ -63,6 +64,8 @@ def error_for(exc: ImageFinderError) -> JSONResponse:
     response = error_response(status, exc.code, exc.message)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, Busy):
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 

@@ -41,5 +41,5 @@ async def get_duplicates(
     limit: Annotated[int, Query(ge=1, le=MAX_GROUPS, description="Groups in this page")] = 100,
 ) -> dict[str, Any]:
     service = indexes.get(index)
-    report = await run_in_threadpool(service.duplicates, level)
+    report = await run_in_threadpool(service.duplicate_report, level)
     return duplicates.as_json(report, offset, limit)

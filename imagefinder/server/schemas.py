@@ -176,7 +176,8 @@ DUPLICATES_ERRORS = errors(
     _404="No index with this name",
     _422="Invalid parameter, or a level the index's model has no calibrated distance for "
     "(not_calibrated)",
-    _503="The index is missing or empty",
+    _503="The index is missing or empty; or another request's report is being computed "
+    "(busy, with Retry-After)",
 )
 TEXT_ERRORS = errors(
     _404="No index with this name",
