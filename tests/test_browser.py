@@ -110,9 +110,13 @@ def screenshot(page: Page, name: str) -> None:
 
 
 def test_an_upload_shows_its_nearest_catalogue_images(page, photo):
-    # The drop zone is a labelled file input, and the first stop for Tab.
-    page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.id") == "file"
+    # Tab visits the two views (Search, Duplicates), then the drop zone: a labelled file
+    # input, the first stop of the search itself.
+    stops = []
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.id"))
+    assert stops == ["nav-search", "nav-duplicates", "file"]
     assert page.get_by_label("Drop an image here").evaluate("e => e.type") == "file"
     page.set_input_files("#file", str(photo))
     ids = wait_for_cards(page, 3)  # k defaults to 3
