@@ -50,13 +50,12 @@ def metadata_of(conn: Any, ids: Sequence[str]) -> dict[str, Metadata]:
 
 
 def set_metadata(conn: Any, rows: Iterable[tuple[str, Metadata]]) -> int:
-    n = 0
-    for image_id, metadata in rows:
-        n += conn.execute(
-            f"UPDATE {IMAGES} SET metadata = %s::jsonb WHERE id = %s",
-            (json.dumps(metadata, ensure_ascii=False), image_id),
-        ).rowcount
-    return n
+    params = [(json.dumps(metadata, ensure_ascii=False), image_id) for image_id, metadata in rows]
+    if not params:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(f"UPDATE {IMAGES} SET metadata = %s::jsonb WHERE id = %s", params)
+        return int(cur.rowcount)  # psycopg 3 sums it over the batch
 
 
 def count(conn: Any, where: Where) -> int:
