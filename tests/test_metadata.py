@@ -268,3 +268,59 @@ def test_copy_carries_metadata(tmp_path, db_location, model):
     ]
     source.close()
     target.close()
+
+
+def test_sharded_runs_each_apply_their_own_share(tmp_path, model):
+    from imagefinder.indexer import apply_metadata, in_shard
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [f"img{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        (folder / f"{name}.png").write_bytes(image_bytes((32, 24), (20 * i, 90, 200), "PNG"))
+    store = open_store(str(tmp_path / "index.db"))
+    index_folder(folder, store, model)
+    sidecar = tmp_path / "metadata.csv"
+    sidecar.write_text("id,n\n" + "".join(f"{name},{i}\n" for i, name in enumerate(names)))
+    written = [apply_metadata(store, sidecar, shard=(i, 2))[0] for i in range(2)]
+    # The second shard does not take the first's record of the file as its own.
+    assert written == [sum(in_shard(n, (i, 2)) for n in names) for i in range(2)]
+    assert sum(written) == 12
+    assert store.metadata_of(names) == {name: {"n": str(i)} for i, name in enumerate(names)}
+    assert [apply_metadata(store, sidecar, shard=(i, 2))[0] for i in range(2)] == [0, 0]
+    store.close()
+
+
+@pytest.mark.sqlite_only
+def test_openapi_documents_every_search_option(client):
+    schema = client.get("/openapi.json").json()
+    options = {"k", "offset", "max_distance", "filter", "index", "expand"}
+
+    def resolve(node: dict) -> dict:
+        """A schema's properties, its ``$ref`` and ``allOf`` parts included."""
+        if "$ref" in node:
+            node = schema["components"]["schemas"][node["$ref"].rsplit("/", 1)[1]]
+        found = dict(node.get("properties", {}))
+        for part in node.get("allOf", []):
+            found.update(resolve(part))
+        return found
+
+    def form_fields(path: str) -> dict:
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        (body,) = content.values()  # multipart, or urlencoded for a form without a file
+        return resolve(body["schema"])
+
+    for path in ("/similarity-search", "/text-search"):
+        fields = form_fields(path)
+        assert options <= set(fields), path
+        assert all(fields[name].get("description") for name in options), path
+    assert form_fields("/similarity-search")["file"]["type"] == "array"  # several files
+    query = {
+        p["name"]: p for p in schema["paths"]["/images/{image_id}/similar"]["get"]["parameters"]
+    }
+    assert options <= set(query) and all(query[name].get("description") for name in options)
+    duplicates = {p["name"] for p in schema["paths"]["/duplicates"]["get"]["parameters"]}
+    assert duplicates == {"level", "index", "offset", "limit"}
+    assert "metadata" in schema["paths"]["/images"]["post"]["description"]
+    result = schema["components"]["schemas"]["Neighbour"]["properties"]
+    assert {"match", "metadata"} <= set(result) and result["match"]["description"]
