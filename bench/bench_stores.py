@@ -2,12 +2,14 @@
 
     python bench/bench_stores.py            # 100k synthetic 2048-d vectors (the default)
     python bench/bench_stores.py --n 10000  # a quick run
+    python bench/bench_stores.py --commit   # also refresh bench/results/stores.{json,md}
 
 For each store: build time, size on disk, query latency p50/p95 and recall@k against
-exact numpy brute force, through the stores' public ``knn`` (SQLite as configured by
-default, then exact; pgvector HNSW over an ef_search sweep, then exact, no index).
-Then one extraction of the Caltech photos with efficientnet-lite0 into each store
-(images/s). Prints a markdown table, writes bench/results/stores.json.
+exact numpy brute force, through the stores' public ``knn``, over a sweep of candidate
+counts (``--ef-search``: SQLite's binary pre-selection, pgvector's HNSW ef_search), then
+exact. Then one extraction of the Caltech photos with efficientnet-lite0 into each store
+(images/s). Prints a markdown table; writes bench/results/stores-<time>.json
+(git-ignored), and the tracked stores.{json,md} the README quotes only with ``--commit``.
 
 The 100k run takes roughly 10-15 minutes on 2 cores, most of it the HNSW build
 (2048-d halfvec, m=16, ef_construction=64), which grows a little faster than n:
@@ -121,8 +123,9 @@ def timed_count(store) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-def bench_sqlite(folder: Path, vectors, queries, truth, k) -> dict:
-    """The default store as users get it (its own search mode and ef_search), then exact."""
+def bench_sqlite(folder: Path, vectors, queries, truth, k, sweep: list[int]) -> dict:
+    """The default store as users get it (its own search mode and ef_search), each
+    candidate count of ``sweep``, then exact."""
     store = SQLiteStore(folder / "bench.db")
     load_s = load(store, vectors)
     start = time.perf_counter()
@@ -139,6 +142,12 @@ def bench_sqlite(folder: Path, vectors, queries, truth, k) -> dict:
     }
     warm(store, queries, k)
     result.update(queries_stats(store, queries, truth, k))
+    default = store.ef_search
+    result["sweep"] = []
+    for ef in sweep:
+        store.ef_search = ef
+        result["sweep"].append({"ef_search": ef, **queries_stats(store, queries, truth, k)})
+    store.ef_search = default
     store.close()
     exact = SQLiteStore(folder / "bench.db", exact=True)
     few = max(5, len(queries) // 10)
@@ -148,7 +157,9 @@ def bench_sqlite(folder: Path, vectors, queries, truth, k) -> dict:
 
 
 def bench_postgres(url: str, vectors, queries, truth, k, sweep: list[int]) -> dict:
-    store = PGStore(url, ef_search=sweep[0])
+    """PostgreSQL as users get it (HNSW at its default ef_search), each ef_search of
+    ``sweep``, then exact (no index)."""
+    store = PGStore(url)
     load_s = load(store, vectors)
     start = time.perf_counter()
     store.end_bulk()  # the HNSW build, after the bulk load
@@ -165,14 +176,16 @@ def bench_postgres(url: str, vectors, queries, truth, k, sweep: list[int]) -> di
         "index_bytes": index_bytes,
         "table_bytes": table_bytes,
         "count_ms": timed_count(store),
-        "ef_search": sweep[0],
+        "ef_search": store.ef_search,
     }
     warm(store, queries, k)
+    result.update(queries_stats(store, queries, truth, k))
+    default = store.ef_search
     result["sweep"] = []
     for ef in sweep:
         store.ef_search = ef
         result["sweep"].append({"ef_search": ef, **queries_stats(store, queries, truth, k)})
-    result.update({key: v for key, v in result["sweep"][0].items() if key != "ef_search"})
+    store.ef_search = default
     exact = PGStore(url, exact=True)
     few = max(5, len(queries) // 10)
     result["exact"] = queries_stats(exact, queries[:few], truth[:few], k)
@@ -205,7 +218,7 @@ def bench_caltech(folder: Path, pg_url: str) -> dict:
 
 
 def table(report: dict) -> str:
-    s, p, k = report["sqlite"], report["postgres"], report["k"]
+    s, p, k = report["sqlite"], report.get("postgres"), report["k"]
     mib = 1 << 20
     lines = [
         f"{report['n']:,} vectors x {report['dim']}-d, {report['queries']} queries, k={k}",
@@ -226,7 +239,7 @@ def table(report: dict) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
 
-    tuned = "" if s["search_mode"] == "exact" else f", ef_search={s['ef_search']}"
+    tuned = "" if s["search_mode"] == "exact" else f", ef_search={s['ef_search']} (default)"
     row(
         f"SQLite {s['search_mode']}{tuned}",
         s,
@@ -234,16 +247,22 @@ def table(report: dict) -> str:
         f"{s['size_bytes'] / mib:.0f} (file)",
         s["count_ms"],
     )
+    for sweep in s.get("sweep", []):
+        if sweep["ef_search"] != s["ef_search"]:
+            row(f"SQLite {s['search_mode']}, ef_search={sweep['ef_search']}", sweep)
     row(f"SQLite exact ({s['exact']['queries']} queries)", s["exact"])
+    if p is None:
+        return "\n".join(lines)
     row(
-        f"pgvector HNSW, ef_search={p['ef_search']}",
+        f"pgvector HNSW, ef_search={p['ef_search']} (default)",
         p,
         f"{p['build_s']} ({p['load_s']} load + {p['index_build_s']} index)",
         f"{p['index_bytes'] / mib:.0f} index + {p['table_bytes'] / mib:.0f} table",
         p["count_ms"],
     )
-    for sweep in p["sweep"][1:]:
-        row(f"pgvector HNSW, ef_search={sweep['ef_search']}", sweep)
+    for sweep in p["sweep"]:
+        if sweep["ef_search"] != p["ef_search"]:
+            row(f"pgvector HNSW, ef_search={sweep['ef_search']}", sweep)
     row(f"pgvector exact, no index ({p['exact']['queries']} queries)", p["exact"])
     if "caltech" in report:
         c = report["caltech"]
@@ -269,10 +288,16 @@ def main() -> None:
     parser.add_argument(
         "--ef-search",
         default="40,100,200",
-        help="comma-separated; the first is the headline figure",
+        help="candidate counts to sweep, comma-separated (each store's default is the "
+        "headline figure)",
     )
     parser.add_argument("--skip-caltech", action="store_true", help="vectors only")
-    parser.add_argument("--out", default=str(BENCH / "results" / "stores.json"))
+    parser.add_argument("--skip-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--commit",
+        action="store_true",
+        help="also write the tracked bench/results/stores.{json,md} the README quotes",
+    )
     args = parser.parse_args()
     sweep = [int(x) for x in args.ef_search.split(",")]
 
@@ -290,7 +315,9 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="imagefinder-bench-"))
     try:
         print(f"SQLite: {args.n:,} vectors ...", file=sys.stderr)
-        report["sqlite"] = bench_sqlite(folder, vectors, queries, truth, args.k)
+        report["sqlite"] = bench_sqlite(folder, vectors, queries, truth, args.k, sweep)
+        if args.skip_postgres:
+            return finish(report, started, args.commit)
         with temporary_server(durable=True) as server:
             print(f"PostgreSQL: {args.n:,} vectors ...", file=sys.stderr)
             url = create_database(server, "bench")
@@ -300,13 +327,26 @@ def main() -> None:
                 report["caltech"] = bench_caltech(folder, create_database(server, "caltech"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    finish(report, started, args.commit)
+
+
+def finish(report: dict, started: float, commit: bool) -> None:
     report["total_s"] = round(time.perf_counter() - started, 1)
-    print(table(report))
+    report["command"] = " ".join(["python bench/bench_stores.py", *sys.argv[1:]])
+    report["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    markdown = table(report)
+    print(markdown)
     print(f"\n(total {report['total_s']} s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    results = BENCH / "results"
+    results.mkdir(exist_ok=True)
+    outs = [results / f"stores-{time.strftime('%Y%m%d-%H%M%S')}.json"]
+    if commit:
+        outs.append(results / "stores.json")
+        header = f"# Stores\n\n`{report['command']}`, {report['when']}, {report['total_s']} s.\n\n"
+        (results / "stores.md").write_text(header + markdown + "\n")
+    for out in outs:
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,20 @@ PREFIX = "IMAGEFINDER_"
 DEFAULT_INDEX = "default"
 INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
+# Numbers that would otherwise fail later, far from their cause (a batch size of 0
+# stopped an extraction half-way with "range() arg 3 must not be zero").
+RANGES: dict[str, tuple[int, int]] = {
+    "threads": (1, 1024),
+    "batch_size": (1, 4096),
+    "max_upload_bytes": (1, 1 << 40),
+    "max_pixels": (1, 1 << 40),
+    "ef_search": (1, 100_000),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "metrics": ("token", "public", "off"),
+    "log_format": ("text", "json"),
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -47,6 +61,10 @@ class Settings:
     # its own setting). Both on: they won on the dev split (bench/results/quality.md).
     expand: bool = True
     dba: bool = True
+    # GET /metrics: "token" (default: the API token is required), "public", or "off".
+    metrics: str = "token"
+    # One line per request, and the server's own messages: "text" or "json".
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -57,7 +75,9 @@ class Settings:
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name == "cors_origins":
+            if f.name in CHOICES:
+                values[f.name] = raw.strip().lower()
+            elif f.name == "cors_origins":
                 values[f.name] = tuple(o.strip() for o in raw.split(",") if o.strip())
             elif f.type in ("int", "int | None"):
                 try:
@@ -79,6 +99,18 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()}={value} is out of range; use {low} to {high:,}"
+                )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()}={getattr(self, name)!r} is not one of "
+                    + ", ".join(allowed)
+                )
         self.indexes  # noqa: B018 (a malformed IMAGEFINDER_DB fails here, at startup)
 
     @property

@@ -137,6 +137,19 @@ class WritesDisabled(ImageFinderError):
     code = "writes_disabled"
 
 
+class MetricsDisabled(ImageFinderError):
+    """``GET /metrics`` behind the token, on a server that has no token configured."""
+
+    code = "metrics_disabled"
+
+
+class RemoteError(ImageFinderError):
+    """A server asked over HTTP (``search --server``) could not be reached, or did not
+    answer like an ImageFinder server. Its own error answers keep their codes."""
+
+    code = "remote_error"
+
+
 def unknown_id(image_id: str) -> NotFound:
     """The one "unknown id" error, wherever an id is looked up."""
     return NotFound(f"no image with id {image_id!r} in the index")

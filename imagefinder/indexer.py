@@ -61,9 +61,12 @@ class Summary:
 @dataclass(frozen=True)
 class Candidate:
     id: str
-    path: Path
+    path: Path  # absolute: what the index records
     size: int
     mtime_ns: int
+    # As found under the folder the user named (relative if it was): what messages show,
+    # so every skip line of a run names its file the same way.
+    shown: str = ""
 
 
 def file_id(path: Path, root: Path) -> str:
@@ -112,7 +115,9 @@ def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
             except OSError as e:
                 refused.append((str(path), e.strerror or str(e)))
                 continue
-            found[image_id] = Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns)
+            found[image_id] = Candidate(
+                image_id, path.resolve(), st.st_size, st.st_mtime_ns, str(path)
+            )
     return list(found.values()), refused
 
 
@@ -189,6 +194,10 @@ def index_folder(
     if select is not None:
         candidates = [c for c in candidates if select(c.id)]
     known = store.file_states()
+    # Ids whose rows this run rewrote: the snapshot in ``known`` still shows their old
+    # file, which may be gone because another file (a.png replacing a.jpg) took over the
+    # id; such a row is current, not an orphan to report or prune.
+    rewritten: set[str] = set()
 
     todo: list[Candidate] = []
     for c in candidates:
@@ -228,6 +237,7 @@ def index_folder(
         )
         summary.indexed += len(batch)
         summary.added += [c.id for c, _, _ in batch if c.id not in known]
+        rewritten.update(c.id for c, _, _ in batch)
         if on_progress:
             on_progress(len(batch))
         batch.clear()
@@ -243,11 +253,12 @@ def index_folder(
             prepared = _chunked_map(prepare, todo, pool, batch_size)
         for c, digest, tensor, reason in prepared:
             if reason is not None:
-                skip(str(c.path), reason)
+                skip(c.shown or str(c.path), reason)
                 if on_progress:
                     on_progress(1)
             elif tensor is None:  # same content, new path or mtime
                 store.touch(c.id, str(c.path), c.size, c.mtime_ns)
+                rewritten.add(c.id)
                 summary.unchanged += 1
                 if on_progress:
                     on_progress(1)
@@ -260,7 +271,9 @@ def index_folder(
 
     # A shard judges only its own ids: another machine may mount the folder elsewhere.
     gone = [
-        i for i, s in known.items() if (select is None or select(i)) and not Path(s.path).exists()
+        i
+        for i, s in known.items()
+        if i not in rewritten and (select is None or select(i)) and not Path(s.path).exists()
     ]
     if prune and gone:
         summary.pruned = store.delete(gone)

@@ -22,16 +22,17 @@ Subprocesses (a live server, the scripts) register them by running through this 
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
+from pathlib import Path
 
 import torch
 
 if __name__ == "__main__":
-    # As `python -m` and `python script.py` from there would: the working tree's package,
-    # not whichever one the environment has installed.
-    sys.path.insert(0, os.getcwd())
+    # Run as a script, this file's folder comes first on sys.path, not the project's: the
+    # project must win over any installed copy of the package (an editable install of
+    # another checkout), or the subprocess would test that copy's code.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagefinder.model.registry import (  # noqa: E402
     Built,

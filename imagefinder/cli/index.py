@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..model.registry import MODELS
-from .base import command, db_option, load_settings
+from .base import command, db_option, load_settings, open_index
+from .progress import Progress
 
 
 @command()
@@ -19,6 +19,12 @@ from .base import command, db_option, load_settings
 @db_option
 @click.option(
     "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a running server (e.g. http://127.0.0.1:8000) instead of loading the "
+    "model here: no torch import, no weights to load.",
 )
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
@@ -53,6 +59,7 @@ def search(
     text: str | None,
     db: str | None,
     index: str | None,
+    server: str | None,
     k: int,
     offset: int,
     max_distance: float | None,
@@ -66,30 +73,64 @@ def search(
     vectors); those that are catalogue images are left out of the results.
     """
     from ..metadata import parse_filter
-    from ..query import SearchOptions
-    from ..service import Indexes
 
     if bool(images) == (text is not None):
         raise click.UsageError(
             "give either an IMAGE or --text, not both or neither (several IMAGEs are "
             "searched as one)"
         )
-    service = Indexes(load_settings(db=db)).get(index)
-    options = SearchOptions(
-        k=k, expand=expand, offset=offset, max_distance=max_distance, where=parse_filter(filters)
-    )
-    if text is not None:
-        found = service.search_text(text, options)
+    where = parse_filter(filters)  # a bad filter fails here, before any model or request
+    if server:
+        if db:
+            raise click.UsageError(
+                "--db and --server exclude each other: a server searches its own indexes"
+            )
+        from ..client import search as ask_server
+
+        body = ask_server(
+            server,
+            images=[Path(image) for image in images],
+            text=text,
+            k=k,
+            index=index,
+            expand=expand,
+            offset=offset,
+            max_distance=max_distance,
+            filters=[f"{column}={value}" for column, value in where],
+        )
     else:
-        found = service.search_uploads([Path(image).read_bytes() for image in images], options)
-    answer = service.response(found)
+        from ..query import SearchOptions
+        from ..service import Indexes, Service
+        from ..store import open_store
+
+        settings = load_settings(db=db)
+        # Only reading: a mistyped --db must not leave an empty index behind.
+        services = [
+            Service(
+                settings,
+                open_store(location, ef_search=settings.ef_search, exact=settings.exact,
+                           create=False),
+                name=name,
+                location=location,
+            )
+            for name, location in settings.indexes
+        ]  # fmt: skip
+        service = Indexes(settings, services).get(index)
+        options = SearchOptions(
+            k=k, expand=expand, offset=offset, max_distance=max_distance, where=where
+        )
+        if text is not None:
+            found = service.search_text(text, options)
+        else:
+            found = service.search_uploads([Path(i).read_bytes() for i in images], options)
+        body = service.response(found)
     if as_json:
-        click.echo(json.dumps(answer, indent=2))
+        click.echo(json.dumps(body, indent=2))
         return
-    for r in answer["results"]:
-        mark = f"  [{r['match']}]" if r["match"] else ""
-        fields = "  " + " ".join(f"{key}={value}" for key, value in r["metadata"].items())
-        click.echo(f"{r['distance']:.4f}  {r['id']}{mark}{fields.rstrip()}")
+    for r in body["results"]:
+        mark = f"  [{r['match']}]" if r.get("match") else ""
+        fields = " ".join(f"{key}={value}" for key, value in (r.get("metadata") or {}).items())
+        click.echo(f"{float(r['distance']):.4f}  {r['id']}{mark}{'  ' + fields if fields else ''}")
 
 
 @command()
@@ -98,16 +139,10 @@ def search(
 def info(db: str | None, as_json: bool) -> None:
     """Show what an index holds: model, dimension, metric, count."""
     from ..model.registry import embeds_text
-    from ..store import open_store
 
     settings = load_settings(db=db)
-    store = open_store(settings.location)
+    store = open_index(settings.location, settings)
     meta = store.meta()
-    if not meta:
-        raise click.ClickException(
-            f"{settings.location} is not an index yet; build one with: "
-            f"imagefinder extract --folder DIR --db {settings.location}"
-        )
     data = {
         "index": store.location,
         "vectors": store.count(),
@@ -153,18 +188,22 @@ def evaluate(folder: str, db: str | None, models: tuple[str, ...], k: int, as_js
     from ..evaluate import evaluate_models
 
     settings = load_settings(db=db)
-    bars: list[Any] = []
+    if not models:
+        open_index(settings.location, settings).close()  # a mistyped --db: one line, no file
+    bars: list[Progress] = []
 
     def on_model(name: str, total: int) -> Any:
         for bar in bars:
-            bar.render_finish()
-        bar = click.progressbar(length=total, label=f"Embedding with {name}", file=sys.stderr)
+            bar.__exit__(None, None, None)
+        bar = Progress(f"Embedding with {name}", total).__enter__()
         bars.append(bar)
         return bar.update
 
-    rows = evaluate_models(settings, folder, models, k, on_model=on_model)
-    for bar in bars:
-        bar.render_finish()
+    try:
+        rows = evaluate_models(settings, folder, models, k, on_model=on_model)
+    finally:
+        if bars:
+            bars[-1].__exit__(None, None, None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -197,15 +236,10 @@ def copy(src: str, dst: str, batch_size: int) -> None:
     from ..store import open_store
     from ..store.transfer import copy_index
 
-    source, target = open_store(src), open_store(dst)
-    bar: Any
-    with click.progressbar(length=0, label="Copying", file=sys.stderr) as bar:
-
-        def on_total(n: int) -> None:
-            bar.length = n
-
+    source, target = open_index(src), open_store(dst)
+    with Progress("Copying") as progress:
         copied = copy_index(
-            source, target, batch=batch_size, on_total=on_total, on_progress=bar.update
+            source, target, batch=batch_size, on_total=progress.total, on_progress=progress.update
         )
     total = target.count()
     source.close()
@@ -222,5 +256,12 @@ def serve(db: str | None, host: str, port: int) -> None:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.logs import uvicorn_log_config
 
-    uvicorn.run(create_app(load_settings(db=db)), host=host, port=port)
+    settings = load_settings(db=db)
+    app = create_app(settings)
+    # uvicorn's lines in the configured format; its access log gives way to the request
+    # line of server/observe.py.
+    uvicorn.run(
+        app, host=host, port=port, log_config=uvicorn_log_config(settings), access_log=False
+    )

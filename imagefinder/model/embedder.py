@@ -60,6 +60,11 @@ class Embedder:
         return self.spec.name
 
     @property
+    def batcher(self) -> Batcher:
+        """Where every forward runs (its queue depth and batch sizes feed /metrics)."""
+        return self._batcher
+
+    @property
     def dim(self) -> int:
         return self.spec.dim
 

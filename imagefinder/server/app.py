@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import Busy, ImageFinderError
 from ..service import Indexes, Service
-from . import browse, duplicates, search, writes
+from . import browse, duplicates, observe, search, writes
 from .deps import error_response
 
 log = logging.getLogger("imagefinder")
@@ -38,6 +38,7 @@ STATUS = {
     "invalid_catalog": 400,
     "unauthorized": 401,
     "writes_disabled": 403,
+    "metrics_disabled": 403,
     "unknown_id": 404,
     "file_missing": 404,
     "not_found": 404,
@@ -55,6 +56,7 @@ STATUS = {
     "index_unusable": 503,
     "model_unavailable": 503,
     "invalid_setting": 503,
+    "remote_error": 502,  # raised by the CLI's HTTP client, never by a route
 }
 
 
@@ -182,4 +184,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + BODY_SLACK)
+    # Request ids, one log line per request, /metrics (observe.py, logs.py, metrics.py).
+    observe.install(app, settings)
     return app

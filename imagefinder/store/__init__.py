@@ -10,12 +10,15 @@ from .sqlite import SQLiteStore
 __all__ = ["FileState", "Item", "Store", "display_location", "is_postgres", "open_store"]
 
 
-def open_store(location: str, *, ef_search: int | None = None, exact: bool = False) -> Store:
+def open_store(
+    location: str, *, ef_search: int | None = None, exact: bool = False, create: bool = True
+) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
     anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
     then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
-    ``exact``). ``ef_search`` None means each store's own default."""
+    ``exact``). ``ef_search`` None means each store's own default. ``create=False``
+    (commands that only read) never creates a SQLite file that is not there."""
     if is_postgres(location):
         try:
             from .postgres import DEFAULT_EF_SEARCH, PGStore
@@ -26,5 +29,5 @@ def open_store(location: str, *, ef_search: int | None = None, exact: bool = Fal
             ) from None
         return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
     if ef_search:
-        return SQLiteStore(location, ef_search=ef_search, exact=exact)
-    return SQLiteStore(location, exact=exact)
+        return SQLiteStore(location, ef_search=ef_search, exact=exact, create=create)
+    return SQLiteStore(location, exact=exact, create=create)

@@ -49,6 +49,10 @@ DEFAULT_EF_SEARCH = 200
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
+TABLE_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE c.relname = %s AND n.nspname = ANY (current_schemas(false)))"
+)
 
 
 def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
@@ -151,7 +155,11 @@ class PGStore(Store):
     # -- schema and meta -------------------------------------------------
 
     def _read_meta(self, conn: psycopg.Connection) -> dict[str, str]:
-        if _scalar(conn, "SELECT to_regclass(%s)", (META,)) is None:
+        # pg_class read as a table, not through to_regclass: to_regclass takes no lock, so
+        # it may answer from a stale cache entry saying "no such table" after another
+        # process created the index while this one waited for SCHEMA_LOCK (two shards
+        # starting at once then both created it: duplicate key in imagefinder_meta).
+        if not _scalar(conn, TABLE_EXISTS, (META,)):
             return {}
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import IndexNotReady, StoreError
 from ..metadata import Metadata, Where, matches
 from . import coarse, dba
 from . import sqlite_metadata as md
@@ -38,8 +38,8 @@ from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 
 # Candidates the Hamming pre-selection hands to the exact re-rank, unless
 # IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
-# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
+# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
+# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
 DEFAULT_CANDIDATES = 100
 # ``ef_search`` candidates serve up to this many results; a deeper search (a page at an
 # offset) takes proportionally more, up to vec0's limit on k, and past it scans exactly.
@@ -47,7 +47,7 @@ RESULTS_PER_EF = 10
 MAX_CANDIDATES = 4096
 # A filter matching at most this many images is answered by an exact scan of their
 # vectors (~25 ms at 2048-d); a broader one by approximate candidates, kept if they
-# match, in a pool that grows until it holds enough (bench/filters.py).
+# match, in a pool that grows until it holds enough (bench/paging.py).
 FILTER_SCAN_ROWS = 10_000
 FILTER_POOL_GROWTH = 4
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
@@ -122,8 +122,12 @@ class SQLiteStore(Store):
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
         fast_min_rows: int = coarse.MIN_ROWS,
+        create: bool = True,
     ):
         self.path = Path(path)
+        # False for commands that only read: a mistyped path must not leave an empty
+        # index file (and its folder) behind.
+        self.create = create
         # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
         # always scans every float vector. Writes: the coarse table exists while the
         # index holds at least ``fast_min_rows`` vectors.
@@ -145,6 +149,9 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_path()
+            if not self.create and not self.path.exists():
+                raise IndexNotReady(f"there is no index at {self.path}")
             if not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -163,7 +170,15 @@ class SQLiteStore(Store):
 
     # -- schema and meta -------------------------------------------------
 
+    def _check_path(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not an index file; "
+                f"name the file, for example {self.path / 'imagefinder.db'}"
+            )
+
     def meta(self) -> dict[str, str]:
+        self._check_path()
         if not self.path.is_file():
             return {}
         meta = self._read_meta()
