@@ -14,8 +14,8 @@ list.
 Paging: a page is the slice ``[offset, offset + k)`` of that order, searched to the
 depth ``offset + k`` (at most ``MAX_DEPTH``), so page after page continues one list.
 ``max_distance`` then drops the page's results farther than it (by that same raw
-distance), so fewer than k may come back; ``next_offset`` is null once a page comes
-back short. A filter (``where``, metadata column=value pairs) applies inside every KNN
+distance), so fewer than k may come back. A search looks one result past its page, so
+``next_offset`` is null exactly when nothing follows. A filter (``where``, metadata column=value pairs) applies inside every KNN
 the search runs, so k results come back when k matching images exist.
 """
 
@@ -89,12 +89,17 @@ class SearchOptions:
         ):
             raise InvalidRequest(f"max_distance must be 0 or more, not {self.max_distance}")
 
-    def next_offset(self, returned: int) -> int | None:
-        """The offset of the next page after one that returned ``returned`` results: None
-        when it came back short (nothing further), or the next page would pass
-        MAX_DEPTH at this k."""
+    @property
+    def lookahead(self) -> int:
+        """How many results to search for: one more than a page, to learn whether there
+        is a next one (none past MAX_DEPTH)."""
+        return self.k + 1 if self.offset + self.k < MAX_DEPTH else self.k
+
+    def next_offset(self, more: bool) -> int | None:
+        """The offset of the next page: None when there are no ``more`` results, or the
+        next page would pass MAX_DEPTH at this k."""
         following = self.offset + self.k
-        if returned < self.k or following + self.k > MAX_DEPTH:
+        if not more or following + self.k > MAX_DEPTH:
             return None
         return following
 

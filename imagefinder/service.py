@@ -215,14 +215,15 @@ class Service:
         results = query.run(
             self.store,
             q.vector,
-            options.k,
+            options.lookahead,
             expand,
             q.exclude,
             offset=options.offset,
             where=options.where,
             max_distance=options.max_distance,
         )
-        return Found(results, options.next_offset(len(results)), q)
+        more = len(results) > options.k
+        return Found(results[: options.k], options.next_offset(more), q)
 
     def search_bytes(self, data: bytes, options: SearchOptions) -> Found:
         return self.search_uploads([data], options)

@@ -115,10 +115,10 @@ def test_pages_continue_one_ranking_and_max_distance_cuts_it(small):
     cut = whole[30][1]
     near = query.run(store, q, 50, expand=False, max_distance=cut)
     assert near == [r for r in whole[:50] if r[1] <= cut] and len(near) == 31
-    options = query.SearchOptions(k=50, max_distance=cut)
-    assert options.next_offset(len(near)) is None  # a short page is the last
-    assert query.SearchOptions(k=20, offset=20).next_offset(20) == 40
-    assert query.SearchOptions(k=20, offset=980).next_offset(20) is None  # MAX_DEPTH
+    assert query.SearchOptions(k=20, offset=20).next_offset(more=True) == 40
+    assert query.SearchOptions(k=20, offset=20).next_offset(more=False) is None
+    assert query.SearchOptions(k=20, offset=980).next_offset(more=True) is None  # MAX_DEPTH
+    assert query.SearchOptions(k=20, offset=980).lookahead == 20
 
 
 def test_paging_is_consistent_with_the_reranked_order(small):

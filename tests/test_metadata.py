@@ -324,3 +324,48 @@ def test_openapi_documents_every_search_option(client):
     assert "metadata" in schema["paths"]["/images"]["post"]["description"]
     result = schema["components"]["schemas"]["Neighbour"]["properties"]
     assert {"match", "metadata"} <= set(result) and result["match"]["description"]
+
+
+def test_search_options_travel_to_a_running_server(tmp_path, model):
+    from support import LiveServer
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, rgb in COLOURS.items():
+        for shade in range(3):
+            colour = tuple(c + 9 * shade for c in rgb)
+            (folder / f"{name}{shade}.png").write_bytes(image_bytes((40, 30), colour, "PNG"))
+    db = tmp_path / "index.db"
+    store = open_store(str(db))
+    index_folder(folder, store, model)
+    store.set_metadata((p.stem, {"tone": p.stem[-1]}) for p in folder.glob("*.png"))
+    store.close()
+    args = [str(folder / "red0.png"), str(folder / "blue0.png"), "-k", "2", "--offset", "1"]
+    args += ["--filter", "tone=1", "--max-distance", "2", "--json"]
+    local = run("search", *args, "--db", str(db))
+    assert local.exit_code == 0, local.output
+    with LiveServer({"IMAGEFINDER_DB": str(db)}, fake_model=True) as server:
+        remote = run("search", *args, "--server", server.url)
+    assert remote.exit_code == 0, remote.output
+    body = json.loads(local.stdout)
+    assert json.loads(remote.stdout) == body
+    # 3 images match: a page of 2 at offset 1 is the last.
+    assert len(body["results"]) == 2 and body["next_offset"] is None
+    assert all(r["metadata"] == {"tone": "1"} for r in body["results"])
+
+
+def test_pages_cover_the_catalogue_once_and_the_last_says_so(client):
+    query = image_bytes((48, 36), COLOURS["green"], "PNG")
+    seen, offset, offsets = [], 0, []
+    while offset is not None:
+        body = search(client, query, k="5", offset=str(offset)).json()
+        seen += [r["id"] for r in body["results"]]
+        offsets.append(offset)
+        offset = body["next_offset"]
+    assert offsets == [0, 5, 10] and len(seen) == 12 == len(set(seen))
+    whole = [r["id"] for r in search(client, query, k="12").json()["results"]]
+    assert seen == whole
+    near = search(client, query, k="12", max_distance="0.3").json()
+    assert all(r["distance"] <= 0.3 for r in near["results"]) and len(near["results"]) < 12
+    assert near["next_offset"] is None
+    assert_error(search(client, query, k="100", offset="901"), 422, "invalid_request")
