@@ -8,7 +8,10 @@ default) in a SQLite index (its default search: binary pre-selection from 5,000
 vectors) and in PostgreSQL (pgvector HNSW, a temporary server), each image with a
 ``category`` that 1%, 10% or 60% of them share. For QUERIES held-out vectors:
 
-- pages of k=10 at offsets 0, 100, 500 and 990 (``query.run``, plain order);
+- pages of k=10 at offsets 0, 50, 100, 200, 500 and 990 (``query.run``, plain order),
+  which path served them (approximate, or exact past what the approximate index
+  serves), and the recall of the whole ranking down to the page (``Store.knn`` to depth
+  offset + k): a miss higher up shifts a page, so its own recall is the stricter;
 - k=10 under each filter (``Store.knn`` with ``where``);
 
 recall = the share of the exact search's results (the same store, ``exact=True``)
@@ -35,11 +38,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 from support import clustered_vectors  # noqa: E402
 
 from imagefinder import query  # noqa: E402
-from imagefinder.store import Item, open_store  # noqa: E402
+from imagefinder.store import Item, open_store, pgsearch  # noqa: E402
 
 QUERIES = 50
 K = 10
-OFFSETS = (0, 100, 500, 990)
+OFFSETS = (0, 50, 100, 200, 500, 990)
 SHARES = {"1%": 100, "10%": 10, "60%": None}
 
 
@@ -87,6 +90,15 @@ WHERE = {
 }
 
 
+def path(store, fetch: int) -> str:
+    """Which search serves ``fetch`` results: the approximate index, or an exact scan."""
+    if store.kind == "sqlite":
+        approximate = store.search_mode() == "binary+rerank" and store._preselects(fetch)
+    else:
+        approximate = pgsearch.approximate(fetch, store.ef_search)
+    return "approximate" if approximate else "exact"
+
+
 def measure(location: str, queries: np.ndarray) -> dict:
     fast, exact = open_store(location), open_store(location, exact=True)
     mode = fast.search_mode() if fast.kind == "sqlite" else f"hnsw ef_search={fast.ef_search}"
@@ -122,7 +134,12 @@ def measure(location: str, queries: np.ndarray) -> dict:
     for offset in OFFSETS:
         got, t_fast = run(lambda q, o=offset: query.run(fast, q, K, False, offset=o))
         want, t_exact = run(lambda q, o=offset: query.run(exact, q, K, False, offset=o))
-        row = {"offset": offset, "recall": recall(got, want), **stats(t_fast)}
+        depth = offset + K
+        ranked = recall(
+            [fast.knn(q, depth) for q in queries], [exact.knn(q, depth) for q in queries]
+        )
+        row = {"offset": offset, "path": path(fast, depth), "recall": recall(got, want)}
+        row.update(depth_recall=ranked, **stats(t_fast))
         row["exact"] = stats(t_exact)
         out["pages"].append(row)
         print(fast.kind, row, flush=True)
@@ -146,13 +163,15 @@ def markdown(result: dict) -> str:
         f"`{result['command']}` - {result['when']}, {result['machine']}. {QUERIES} queries, "
         f"k = {K}; recall against the same store searching exactly; latency in ms.",
         "",
-        "| store | search | page offset | recall | p50 | p95 | exact p50 |",
-        "|---|---|---|---|---|---|---|",
+        "| store | search | page offset | served by | page recall | recall to the page's "
+        "depth | p50 | p95 | exact p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["stores"]:
         for r in s["pages"]:
             lines.append(
-                f"| {s['store']} | {s['search']} | {r['offset']} | {r['recall']:.4f} | "
+                f"| {s['store']} | {s['search']} | {r['offset']} | {r['path']} | "
+                f"{r['recall']:.4f} | {r['depth_recall']:.4f} | "
                 f"{r['p50_ms']} | {r['p95_ms']} | {r['exact']['p50_ms']} |"
             )
     lines += ["", "| store | search | filter matches | recall | p50 | p95 | exact p50 |"]

@@ -3,8 +3,9 @@ metadata filter, at any depth.
 
 Approximate: the HNSW index yields candidates (``ef_search`` for up to
 ``RESULTS_PER_EF`` results, proportionally more for deeper searches, never fewer than
-asked), re-ranked by exact float32 distance, which also undoes halfvec rounding. Past
-pgvector's cap on ``hnsw.ef_search``, and with a filter, the scan is iterative
+asked), re-ranked by exact float32 distance, which also undoes halfvec rounding. A
+search deeper than ``MAX_CANDIDATES`` candidates serve (a page far down) scans exactly.
+Past pgvector's cap on ``hnsw.ef_search``, and with a filter, the scan is iterative
 (pgvector 0.8's ``hnsw.iterative_scan``): it goes on until it has yielded that many
 rows that pass. Sequential scans are ruled out because vectors live out of line
 (TOAST) and the planner, not counting that, would scan a large table rather than use
@@ -42,6 +43,20 @@ def indexed(dim: int, value: str) -> str:
     return value if dim <= MAX_VECTOR_INDEX_DIM else f"({value})::halfvec({dim})"
 
 
+def wanted_candidates(fetch: int, ef_search: int) -> int:
+    """HNSW candidates for a search of ``fetch`` results: ``ef_search`` per
+    ``RESULTS_PER_EF`` of them."""
+    return math.ceil(ef_search * max(1.0, fetch / RESULTS_PER_EF))
+
+
+def approximate(fetch: int, ef_search: int) -> bool:
+    """Whether HNSW serves a search of ``fetch`` results. Deeper than MAX_CANDIDATES
+    candidates at that ratio, capping them lost recall (0.76 at depth 1000 on 20k
+    vectors) and cost more than scanning exactly (bench/results/paging-20000.md), so
+    such a search scans exactly, as SQLite's does past its pre-selection."""
+    return wanted_candidates(fetch, ef_search) <= MAX_CANDIDATES
+
+
 def statements(
     query: np.ndarray,
     fetch: int,
@@ -62,8 +77,9 @@ def statements(
             "ORDER BY distance, id LIMIT %(fetch)s"
         )
         return setup, sql, params
-    depth = max(1.0, fetch / RESULTS_PER_EF)
-    candidates = min(MAX_CANDIDATES, max(fetch, math.ceil(ef_search * depth)))
+    if not approximate(fetch, ef_search):
+        return statements(query, fetch, where)
+    candidates = max(fetch, wanted_candidates(fetch, ef_search))
     setup = [
         f"SET LOCAL hnsw.ef_search = {min(candidates, MAX_EF_SEARCH)}",
         "SET LOCAL enable_seqscan = off",
