@@ -1,7 +1,8 @@
 """Deep pages and metadata filters: recall against exact search, and latency, on both
 stores.
 
-    python bench/paging.py [--n 20000] [--dim 1280] [--skip-postgres] [--commit]
+    python bench/paging.py [--n 20000] [--dim 1280] [--skip-postgres] [--max-candidates M]
+        [--commit]
 
 N synthetic vectors (tests/support.py's clustered_vectors, efficientnet-lite's 1280-d by
 default) in a SQLite index (its default search: binary pre-selection from 5,000
@@ -196,8 +197,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--skip-postgres", action="store_true")
+    parser.add_argument(
+        "--max-candidates",
+        type=int,
+        help="override both stores' MAX_CANDIDATES (how deep the approximate index "
+        "serves before an exact scan), to measure the approximate path deeper",
+    )
     parser.add_argument("--commit", action="store_true")
     args = parser.parse_args()
+    if args.max_candidates:
+        from imagefinder.store import sqlite
+
+        sqlite.MAX_CANDIDATES = pgsearch.MAX_CANDIDATES = args.max_candidates
     vectors = clustered_vectors(args.n + QUERIES, args.dim, seed=31)
     data, queries = vectors[: args.n], vectors[args.n :]
     result: dict = {
