@@ -64,11 +64,20 @@ class TooLarge(ImageError):
 
 
 class TooManyPixels(ImageError):
+    """More pixels than the cap, or more memory to decode than the cap allows."""
+
     code = "too_many_pixels"
 
 
+class TooComplex(ImageError):
+    """A file whose structure (segments, scans) would cost far more CPU than its pixels."""
+
+    code = "too_complex"
+
+
 class Busy(ImageFinderError):
-    """The server is busy with the same work for someone else: try again shortly."""
+    """The server cannot take this work now (every decoding slot taken and the queue
+    full, or a duplicate report already being computed): try again shortly."""
 
     code = "busy"
 

@@ -13,14 +13,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
-from . import augment, duplicates, query
+from . import augment, duplicates, images, query
 from .config import DEFAULT_INDEX, Settings
 from .errors import (
-    Busy,
     IndexNotReady,
     InvalidRequest,
     ModelUnavailable,
@@ -29,11 +29,11 @@ from .errors import (
     UnknownIndex,
     unknown_id,
 )
-from .images import load_rgb
 from .model.embedder import Embedder, load_embedder
 from .model.registry import MODELS, embeds_text
 from .query import SearchOptions
-from .store import Store, display_location, open_store
+from .redact import redact
+from .store import Store, display_location, open_store, public_location
 from .store.base import check_compatible
 
 # How long GET /duplicates reuses a report (see Service.duplicates).
@@ -77,6 +77,15 @@ class Found:
     query: Query
 
 
+class Decoder(Protocol):
+    """Where pictures are decoded: ``images`` itself (in this process), or the server's
+    worker processes (``server/decoders.py``)."""
+
+    def load_rgb(self, source: Any, max_pixels: int, min_side: int | None = None) -> PILImage: ...
+
+    def probe(self, source: Any, max_pixels: int) -> str: ...
+
+
 class Service:
     def __init__(
         self,
@@ -93,10 +102,10 @@ class Service:
             self.location, ef_search=settings.ef_search, exact=settings.exact
         )
         self.embedder: Embedder | None = None
+        self.decoder: Decoder = images
         self._load_lock = threading.Lock()
-        # Duplicate reports by level: (when, image count, report), made one at a time.
+        # Duplicate reports by level: (when, image count, report).
         self._duplicates: dict[str, tuple[float, int, duplicates.Report]] = {}
-        self._duplicates_lock = threading.Lock()
 
     def close(self) -> None:
         self.store.close()
@@ -189,7 +198,7 @@ class Service:
     def embed_upload(self, data: bytes, embedder: Embedder | None = None) -> np.ndarray:
         """Bytes of any supported image -> one vector. Raises ImageError."""
         embedder = embedder or self.ready()[0]
-        img = load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
+        img = self.decoder.load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
         return embedder.embed_tensors(embedder.preprocess(img)[None])[0]
 
     def embed_text(self, text: str) -> np.ndarray:
@@ -291,38 +300,35 @@ class Service:
             "next_offset": found.next_offset,
         }
 
-    def duplicate_report(self, level: str) -> duplicates.Report:
-        """The index's duplicate groups at ``level``, for the API: one computation at a
-        time per index (others are told to retry), and its report reused for
-        DUPLICATES_TTL seconds while the index holds as many images (a pass reads every
-        vector: seconds and N x dim x 4 bytes at 100k images)."""
-        duplicates.level_distance(self.require_index().meta(), level)  # refuse early
-        fresh = self._fresh_duplicates(level)
-        if fresh is not None:
-            return fresh
-        # Waiting requests would each hold a server thread for the whole pass: after a
-        # moment they are told to come back instead.
-        if not self._duplicates_lock.acquire(timeout=1.0):
-            raise Busy(
-                f"the duplicate report of index {self.name!r} is being computed; "
-                "try again in a few seconds",
-                retry_after=5,
-            )
-        try:
-            report = self._fresh_duplicates(level)  # made while this one waited?
-            if report is None:
-                count = self.store.count()
-                report = duplicates.find(self.store, level)
-                self._duplicates[level] = (time.monotonic(), count, report)
-            return report
-        finally:
-            self._duplicates_lock.release()
-
-    def _fresh_duplicates(self, level: str) -> duplicates.Report | None:
+    def cached_duplicates(self, level: str) -> duplicates.Report | None:
+        """The report at ``level`` if one was made in the last DUPLICATES_TTL seconds and
+        the index still holds as many images; refuses a level the index's model has no
+        distance for (NotCalibrated) first."""
+        duplicates.level_distance(self.require_index().meta(), level)
         cached = self._duplicates.get(level)
         if cached is None or time.monotonic() - cached[0] >= DUPLICATES_TTL:
             return None
         return cached[2] if cached[1] == self.store.count() else None
+
+    def duplicate_report(self, level: str) -> duplicates.Report:
+        """The index's duplicate groups at ``level``, for the API: the cached report, or
+        a new one (a pass reads every vector: tens of seconds and N x dim x 4 bytes at
+        100k images, so the server runs one at a time: server/duplicates.py)."""
+        report = self.cached_duplicates(level)
+        if report is None:
+            count = self.store.count()
+            report = duplicates.find(self.store, level)
+            self._duplicates[level] = (time.monotonic(), count, report)
+        return report
+
+    def public_health(self) -> dict[str, Any]:
+        """``health()`` as an anonymous client may see it: the index by its file name (or
+        a server URL's host and database), no paths or credentials in ``detail``."""
+        answer = self.health()
+        answer["index"] = public_location(self.store.location)
+        if answer.get("detail"):
+            answer["detail"] = redact(answer["detail"], self.settings)
+        return answer
 
     def health(self) -> dict[str, Any]:
         try:
@@ -401,12 +407,16 @@ class Indexes:
                 problems.append((service.name, e))
         return problems
 
-    def health(self) -> dict[str, Any]:
+    def health(self, public: bool = False) -> dict[str, Any]:
         """The default index's health at the top level (as with one index), and every
         index's under ``indexes``."""
-        each = [{"name": s.name, **s.health()} for s in self]
+        each = [{"name": s.name, **(s.public_health() if public else s.health())} for s in self]
         top = {k: v for k, v in each[0].items() if k != "name"}
         return {**top, "indexes": each}
+
+    def public_health(self) -> dict[str, Any]:
+        """``health()`` as an anonymous client may see it (``Service.public_health``)."""
+        return self.health(public=True)
 
     def close(self) -> None:
         for service in self:

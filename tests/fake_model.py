@@ -98,6 +98,20 @@ SPEC = register(
     )
 )
 
+# A second image model of another dimension: for tests of two models meeting one index.
+OTHER = "fake-colour-64"
+OTHER_DIM = 64
+register(
+    ModelSpec(
+        OTHER,
+        OTHER_DIM,
+        32,
+        SPEC.mean,
+        SPEC.std,
+        lambda weights: (ColourFeatures(SEED, OTHER_DIM), f"seed-{SEED}-64"),
+    )
+)
+
 TEXT_NAME = "fake-clip"
 TEXT_DIM = 64
 COLOURS = {

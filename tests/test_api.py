@@ -6,15 +6,20 @@ Every error leaves in one shape: ``{"error": {"status", "code", "message"}}``.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import fake_model
 import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
 
 from imagefinder.indexer import index_folder
+from imagefinder.redact import public_path
 from imagefinder.server.app import BODY_SLACK, create_app
+from imagefinder.server.health import TTL as HEALTH_TTL
 from imagefinder.service import Service
-from imagefinder.store import display_location, open_store
+from imagefinder.store import is_postgres, open_store, public_location
 
 CLASSES = ("accordion", "pagoda", "trilobite")
 # For what the API decides before it ever reaches the index: one store is enough.
@@ -196,10 +201,12 @@ def test_no_index_is_503_naming_the_command_that_builds_it(settings, jpeg):
     with make_client(settings) as client:
         error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_missing"
+        # Anyone may read it: the paths show their last part only, and no password.
         assert (
-            f"python extract_image_features.py --folder {settings.images_dir} "
-            f"--db {display_location(settings.db)}"
+            f"python extract_image_features.py --folder {public_path(settings.images_dir)} "
+            f"--db {public_location(settings.db) if is_postgres(settings.db) else public_path(settings.db)}"
         ) in error["message"]
+        assert str(Path(settings.images_dir).parent) not in error["message"]
         health = client.get("/health").json()
         assert (health["status"], health["vectors"], health["model"]) == ("missing", 0, None)
 
@@ -225,6 +232,7 @@ def test_an_index_built_after_startup_is_used_without_a_restart(settings, caltec
         response = search(client, photo(caltech_dir, "pagoda/image_0001"), k="1")
         assert response.status_code == 200, response.text
         assert response.json()["results"][0]["id"] == "image_0001"
+        time.sleep(HEALTH_TTL)  # /health answers from a short cache (a flood cannot queue it)
         assert client.get("/health").json()["model_loaded"] is True
 
 
@@ -242,7 +250,9 @@ def test_health_reports_status_model_and_count(client, settings):
         fake_model.DIM,
     )
     assert health["vectors"] == 6
-    assert health["index"] == display_location(settings.db)
+    # Public: the file name of a SQLite index; host and database of a PostgreSQL one.
+    assert health["index"] == public_location(settings.db)
+    assert "/" not in health["index"].removeprefix("postgresql://").rstrip("/").split("/")[0]
 
 
 @STORE_UNUSED

@@ -219,7 +219,7 @@ def test_an_empty_index_and_a_too_large_file_are_explained_inline(browser, tmp_p
         assert "nothing to compare with" in alert.inner_text()
         command = page.inner_text("#error code")
         assert command.startswith("python extract_image_features.py --folder ")
-        assert command.endswith(f"--db {db}")
+        assert command.endswith(f"--db .../{db.name}")  # public: no absolute path
         screenshot(page, "browser-empty-index.png")
 
         searches = page.requests.count(live.url + "/similarity-search")
@@ -264,6 +264,46 @@ def test_raw_traversal_over_http_finds_nothing(server, raw):
     conn.close()
     assert image.status == 404 and b"root:" not in body
     assert json.loads(body)["error"]["status"] == 404
+
+
+@pytest.mark.parametrize(
+    "path, rendered",
+    [
+        ("/docs", ".swagger-ui .opblock-summary-path"),
+        ("/redoc", "[role=menuitem], .menu-content li"),
+    ],
+)
+def test_the_api_docs_render_offline_under_the_content_security_policy(
+    browser, server, path, rendered
+):
+    """Swagger UI and ReDoc come from this server (the fastapi-offline package's
+    assets), render every route, and break no rule of the page's CSP. (ReDoc's bundle
+    asks for its own logo from its CDN: the CSP refuses it before it leaves the browser,
+    and ReDoc hides the broken image.)"""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    requested: list[str] = []
+    console: list[str] = []
+    page.on("requestfinished", lambda r: requested.append(r.url))
+    page.on("console", lambda m: console.append(m.text))
+    page.on("pageerror", lambda e: console.append(str(e)))
+    response = page.goto(server.url + path)
+    assert (
+        response is not None
+        and "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    )
+    # A selector, not wait_for_function: a predicate string is evaluated with eval(),
+    # which this very CSP refuses once the first poll misses.
+    page.wait_for_selector(rendered, state="attached")
+    text = page.inner_text("body")
+    assert "/similarity-search" in text and "ImageFinder" in text
+    elsewhere = [u for u in requested if not u.startswith((server.url, "blob:", "data:"))]
+    assert elsewhere == []
+    refused = [m for m in console if "Content Security Policy" in m or "Refused" in m]
+    assert all("cdn.redoc.ly/redoc/logo-mini.svg" in m for m in refused), refused
+    screenshot(page, f"docs{path.replace('/', '-')}.png")
+    context.close()
 
 
 # -- several indexes, and text search ----------------------------------------------------

@@ -58,7 +58,14 @@ def test_download_images_script(tmp_path):
             f"url,id\n{server.url('/img/one.jpg')},one\n{server.url('/missing')},two\n"
         )
         out = tmp_path / "images"
-        proc = script("download_images.py", "--csv_file", str(csv_path), "--output-dir", str(out))
+        proc = script(
+            "download_images.py",
+            "--csv_file",
+            str(csv_path),
+            "--output-dir",
+            str(out),
+            "--allow-private",
+        )
         missing = server.url("/missing")
     assert proc.returncode == 0, proc.stderr
     assert "1 downloaded, 0 skipped (already there), 1 failed" in proc.stdout

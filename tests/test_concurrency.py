@@ -169,7 +169,9 @@ def test_searches_keep_answering_while_the_api_and_an_extraction_write(live_inde
         t.start()
     cmd = fake_model.command("extract_image_features.py", "--folder", str(folder))
     cmd += ["--db", str(tmp_path / "index.db"), "--batch-size", "1"]
-    env = {**os.environ, "IMAGEFINDER_THREADS": "1"}
+    # A tenth of a second per image: the run lasts seconds, so the API's writes overlap it
+    # however fast the fake model and however busy the machine.
+    env = {**os.environ, "IMAGEFINDER_THREADS": "1", "FAKE_MODEL_BATCH_SECONDS": "0.1"}
     extraction = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     writer = threading.Thread(target=api_writer)
     writer.start()

@@ -203,7 +203,7 @@ def test_a_killed_download_leaves_no_half_file_and_a_rerun_finishes(tmp_path):
     csv_path.write_text("url,id\n" + "".join(f"{server.base}/{i}.jpg,{i}\n" for i in server.bodies))
     out = tmp_path / "images"
     cmd = [sys.executable, "download_images.py", "--csv_file", str(csv_path)]
-    cmd += ["--output-dir", str(out), "--workers", "4"]
+    cmd += ["--output-dir", str(out), "--workers", "4", "--allow-private"]
 
     def complete_files() -> dict[str, bytes]:
         if not out.exists():

@@ -248,16 +248,15 @@ def test_several_query_images_leave_themselves_out(client, caltech_dir):
 
 
 def test_one_report_is_computed_at_a_time_and_reused(client):
-    service = client.app.state.service
+    gate = client.app.state.duplicates_gate
     first = client.get("/duplicates", params={"level": "near"}).json()
-    # While a report is being computed (the lock held), another request is told to come
-    # back rather than hold a server thread; a report made already is served from memory.
-    assert service._duplicates_lock.acquire()
-    try:
+    # While a report is being computed (the gate's one place taken), another request is
+    # told to come back rather than hold a server thread; a report made already is
+    # served from memory.
+    with gate.admit():
         assert client.get("/duplicates", params={"level": "near"}).json() == first
         busy = client.get("/duplicates", params={"level": "exact"})
-        assert_error(busy, 503, "busy")
-        assert busy.headers["Retry-After"] == "5"
-    finally:
-        service._duplicates_lock.release()
+        error = assert_error(busy, 503, "busy")
+        assert "duplicate report being computed" in error["message"]
+        assert 1 <= int(busy.headers["Retry-After"]) <= 60
     assert client.get("/duplicates", params={"level": "exact"}).status_code == 200

@@ -471,7 +471,16 @@ def test_hostile_csv_rows_each_get_a_reason_and_nothing_lands_outside_the_folder
     try:
         result = CliRunner().invoke(
             cli,
-            ["download", "--csv_file", str(csv_path), "--output-dir", str(out), "--retries", "0"],
+            [
+                "download",
+                "--csv_file",
+                str(csv_path),
+                "--output-dir",
+                str(out),
+                "--retries",
+                "0",
+                "--allow-private",
+            ],
         )
     finally:
         server.close()

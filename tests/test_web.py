@@ -21,6 +21,7 @@ from support import assert_error, image_bytes
 
 from imagefinder.config import Settings
 from imagefinder.indexer import index_folder
+from imagefinder.redact import public_path
 from imagefinder.server.app import create_app
 from imagefinder.server.thumbs import SIDE, cache_dir
 from imagefinder.service import Service
@@ -249,7 +250,10 @@ def test_without_an_index_the_answer_names_the_build_command(settings, suffix):
     finally:
         service.close()
     error = assert_error(response, 503, "index_missing")
-    assert f"extract_image_features.py --folder {settings.images_dir}" in error["message"]
+    assert (
+        f"extract_image_features.py --folder {public_path(settings.images_dir)}" in error["message"]
+    )
+    assert settings.images_dir not in error["message"]  # an absolute path: never public
 
 
 # -- ids never reach the filesystem ----------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from .. import duplicates
 from .deps import IndexesDep
+from .gate import Gate
 from .schemas import DUPLICATES_ERRORS, DuplicatesResponse
 
 router = APIRouter(tags=["browse"])
@@ -29,6 +30,7 @@ MAX_GROUPS = 1000
     "is unchanged.",
 )
 async def get_duplicates(
+    request: Request,
     indexes: IndexesDep,
     level: Annotated[
         Literal["exact", "near", "similar"], Query(description="How alike a group's images are")
@@ -41,5 +43,11 @@ async def get_duplicates(
     limit: Annotated[int, Query(ge=1, le=MAX_GROUPS, description="Groups in this page")] = 100,
 ) -> dict[str, Any]:
     service = indexes.get(index)
-    report = await run_in_threadpool(service.duplicate_report, level)
+    report = await run_in_threadpool(service.cached_duplicates, level)
+    if report is None:
+        # One report at a time on the server; another request meanwhile is told to come
+        # back (503 busy, Retry-After) rather than hold a thread for the whole pass.
+        gate: Gate = request.app.state.duplicates_gate
+        with gate.admit():
+            report = await gate.run(service.duplicate_report, level)
     return duplicates.as_json(report, offset, limit)

@@ -1,19 +1,20 @@
-"""Searching: upload an image or type a text, get the nearest catalogue images; and the
-health check. Every search route takes the same options (``SearchParams``)."""
+"""Searching: upload an image or type a text, get the nearest catalogue images. Every
+search route takes the same options (``SearchParams``) and runs through the gate (the
+health check is in ``health.py``)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from ..errors import InvalidRequest
 from ..query import MAX_QUERIES
-from .deps import IndexesDep, answer, read_upload
-from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, Health, SearchParams, SearchResponse, TextQuery
+from .deps import IndexesDep, read_upload
+from .gate import GatedRoute, gate_of
+from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, SearchParams, SearchResponse, TextQuery
 
-router = APIRouter()
+router = APIRouter(route_class=GatedRoute)
 
 
 @router.post(
@@ -23,6 +24,7 @@ router = APIRouter()
     summary="The k catalogue images nearest to an uploaded image, or to several",
 )
 async def similarity_search(
+    request: Request,
     indexes: IndexesDep,
     file: Annotated[
         list[UploadFile],
@@ -40,7 +42,10 @@ async def similarity_search(
     if len(file) > MAX_QUERIES:
         raise InvalidRequest(f"at most {MAX_QUERIES} images per search, not {len(file)}")
     uploads = [await read_upload(f, service) for f in file]
-    return await answer(service, service.search_uploads, uploads, options)
+    # Several images take one place in the gate: they are decoded one after another.
+    return await gate_of(request).run(
+        lambda: service.response(service.search_uploads(uploads, options))
+    )
 
 
 @router.post(
@@ -49,11 +54,10 @@ async def similarity_search(
     responses=TEXT_ERRORS,
     summary="The k catalogue images that best match a text (indexes whose model embeds text)",
 )
-async def text_search(indexes: IndexesDep, params: Annotated[TextQuery, Form()]) -> dict[str, Any]:
+async def text_search(
+    request: Request, indexes: IndexesDep, params: Annotated[TextQuery, Form()]
+) -> dict[str, Any]:
     service = indexes.get(params.index)
-    return await answer(service, service.search_text, params.q, params.options())
-
-
-@router.get("/health", response_model=Health, summary="Status, model and vector count")
-async def health(indexes: IndexesDep) -> dict[str, Any]:
-    return await run_in_threadpool(indexes.health)
+    return await gate_of(request).run(
+        lambda: service.response(service.search_text(params.q, params.options()))
+    )
