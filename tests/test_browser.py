@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,7 +405,8 @@ def test_the_duplicates_view_shows_groups_as_rows(browser, shop):
     assert expected["total_groups"] >= 2
     page = open_page(browser, shop.url)
     page.click("#nav-duplicates")
-    page.wait_for_function(
+    wait_until(
+        page,
         "n => document.querySelectorAll('#groups .group').length === n",
         arg=expected["total_groups"],
     )
@@ -414,13 +416,14 @@ def test_the_duplicates_view_shows_groups_as_rows(browser, shop):
         "gs => gs.map(g => [...g.querySelectorAll('.dup-card')].map(c => c.dataset.id))",
     )
     assert rows == [[i["id"] for i in g["images"]] for g in expected["groups"]]
-    page.wait_for_function(
-        "[...document.querySelectorAll('#groups img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait_until(
+        page,
+        "[...document.querySelectorAll('#groups img')].every(i => i.complete && i.naturalWidth > 0)",
     )
     assert "distance 0." in page.inner_text("#groups")
     screenshot(page, "duplicates.png")
     page.select_option("#dup-level", "exact")
-    page.wait_for_function("document.querySelectorAll('#groups .group').length === 1")
+    wait_until(page, "document.querySelectorAll('#groups .group').length === 1")
     assert sorted(
         page.eval_on_selector_all("#groups .dup-card", "cs => cs.map(c => c.dataset.id)")
     ) == [
@@ -434,6 +437,16 @@ def test_the_duplicates_view_shows_groups_as_rows(browser, shop):
     assert page.inner_text("#query-heading") in ("ewer-copy", "ewer-image_0001")
     assert page.script_errors == []
     page.context.close()
+
+
+def wait_until(page: Page, predicate: str, arg: object = None, timeout: float = 15.0) -> None:
+    """Poll ``predicate`` (a JS expression, or a function of ``arg``) from Python until
+    it holds: ``wait_for_function`` re-evaluates a string predicate with eval() in the
+    page after its first miss, which the page's CSP refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate, arg):
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        page.wait_for_timeout(50)
 
 
 def requests_json(url: str) -> dict:
@@ -455,7 +468,7 @@ def test_metadata_filters_more_results_and_several_images_on_the_page(browser, s
     chips = page.locator("#results .chip")
     assert chips.count() == 6
     page.locator("#results .chip", has_text="shelf: top").first.click()
-    page.wait_for_function("!document.querySelector('#filters').hidden")
+    wait_until(page, "!document.querySelector('#filters').hidden")
     wait_for_cards(page, 3)
     shelves = page.eval_on_selector_all(
         "#results .result",
@@ -469,7 +482,7 @@ def test_metadata_filters_more_results_and_several_images_on_the_page(browser, s
     assert len(set(more)) == 6
     # Removing the filter searches again without it.
     page.click("#filter-chips .chip")
-    page.wait_for_function("document.querySelector('#filters').hidden")
+    wait_until(page, "document.querySelector('#filters').hidden")
     wait_for_cards(page, 3)
     screenshot(page, "metadata.png")
     assert page.script_errors == []

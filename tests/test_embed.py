@@ -339,7 +339,7 @@ def test_extract_with_a_resnet50_weights_file(photos, tmp_path, resnet50_weights
     # Searching (the API's code path) reloads the very file the index records.
     found = CliRunner().invoke(cli, ["search", str(one[0]), "--db", db, "-k", "1"])
     assert found.exit_code == 0, found.output
-    assert found.output == f"0.0000  {one[0].stem}\n"
+    assert found.output == f"0.0000  {one[0].stem}  [exact]\n"  # the query's own file
 
 
 def test_imagefinder_weights_is_the_same_as_weights(photos, tmp_path, resnet50_weights):
