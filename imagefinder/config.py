@@ -31,12 +31,20 @@ class Settings:
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default
+    # SQLite's inverted file: lists probed per 10 results (None: the store's default).
+    nprobe: int | None = None
     # Search every vector instead of through the approximate index (HNSW, or SQLite's
-    # binary pre-selection); ef_search sizes the approximate candidate list.
+    # inverted file); ef_search sizes the approximate candidate list.
     exact: bool = False
     # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
     # data/thumbs/ for a server index.
     thumbs_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ef_search", "nprobe"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{PREFIX}{name.upper()}={value} must be at least 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

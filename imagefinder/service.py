@@ -40,7 +40,7 @@ class Service:
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
         self.store = store or open_store(
-            settings.db, ef_search=settings.ef_search, exact=settings.exact
+            settings.db, ef_search=settings.ef_search, exact=settings.exact, nprobe=settings.nprobe
         )
         self.embedder: Embedder | None = None
         self._load_lock = threading.Lock()

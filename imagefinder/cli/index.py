@@ -74,7 +74,9 @@ def evaluate(folder: str, db: str | None, k: int, as_json: bool) -> None:
     from ..store import open_store
 
     settings = load_settings(db=db)
-    store = open_store(settings.db, ef_search=settings.ef_search, exact=settings.exact)
+    store = open_store(
+        settings.db, ef_search=settings.ef_search, exact=settings.exact, nprobe=settings.nprobe
+    )
     report = evaluate_index(store, folder, k)
     if as_json:
         click.echo(json.dumps(report, indent=2))

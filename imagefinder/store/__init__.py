@@ -10,12 +10,19 @@ from .sqlite import SQLiteStore
 __all__ = ["FileState", "Item", "Store", "display_location", "is_postgres", "open_store"]
 
 
-def open_store(location: str, *, ef_search: int | None = None, exact: bool = False) -> Store:
+def open_store(
+    location: str,
+    *,
+    ef_search: int | None = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
-    anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
-    then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
-    ``exact``). ``ef_search`` None means each store's own default."""
+    anything else is the path of a SQLite file (exact below ``ivf.MIN_ROWS`` vectors,
+    then the ``ef_search`` Hamming-nearest codes of the ``nprobe`` nearest inverted lists,
+    re-ranked exactly, unless ``exact``). None means each store's own default; ``nprobe``
+    applies to SQLite only."""
     if is_postgres(location):
         try:
             from .postgres import DEFAULT_EF_SEARCH, PGStore
@@ -25,6 +32,7 @@ def open_store(location: str, *, ef_search: int | None = None, exact: bool = Fal
                 "pip install 'imagefinder[postgres]'"
             ) from None
         return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
-    if ef_search:
-        return SQLiteStore(location, ef_search=ef_search, exact=exact)
-    return SQLiteStore(location, exact=exact)
+    tuning = {
+        name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value
+    }
+    return SQLiteStore(location, exact=exact, **tuning)

@@ -7,8 +7,12 @@ Layout (schema version 1):
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
-- ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
-  per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
+- ``vec_ivf`` + ``ivf_centroids`` + ``ivf_state``: from ``ivf.MIN_ROWS`` vectors on,
+  an inverted-file index: k-means lists, one bit per dimension per vector, the nearest
+  lists' Hamming-nearest codes re-ranked exactly (see ``ivf.py``).
+
+Schema version 2 replaced version 1's ``vec_coarse`` (one Hamming pass over every
+vector, recall@10 0.44 at 1M) with the inverted file.
 
 Every write goes through one transaction per batch, so a killed run leaves the
 index consistent and the next run resumes where it stopped.
@@ -27,14 +31,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from . import coarse
+from . import ivf
 from .base import FileState, Item, Store, keyset_pages, new_meta
 
-# Candidates the Hamming pre-selection hands to the exact re-rank, unless
-# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# (recall@3 0.73 at 100k); the Hamming pass slows with the count (100k vectors: 100 ->
-# 24 ms, recall 0.993; 200 -> 41 ms) (bench/knn.py, bench/bench_stores.py).
-DEFAULT_CANDIDATES = 100
+# For up to 10 results: the Hamming-nearest codes re-ranked exactly
+# (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
+# 1M sweep in bench/bench_stores.py (see README, "What the benchmark measured").
+DEFAULT_CANDIDATES = 400
+DEFAULT_NPROBE = 16
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
 # 256 costs ~0.03 ms and scans as fast.
@@ -92,11 +96,21 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
+def _inverted_file_replaces_coarse(conn: Any) -> None:
+    """Version 2: the inverted file replaces version 1's Hamming table. The version bump
+    also keeps older ImageFinders out: they would search a Hamming table nobody keeps
+    up to date any more, and miss neighbours without a word."""
+    conn.execute("DROP TABLE IF EXISTS vec_coarse")
+    conn.execute("DROP TABLE IF EXISTS coarse_centre")
+    ivf.sync(conn, ivf.MIN_ROWS)
+
+
 class SQLiteStore(Store):
     """The index file. Safe to share across threads: each thread gets its own connection."""
 
     kind = "sqlite"
     rebuild_hint = "rebuild it with a new --db path"
+    migrations = (_inverted_file_replaces_coarse,)
 
     def __init__(
         self,
@@ -104,15 +118,19 @@ class SQLiteStore(Store):
         *,
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
-        fast_min_rows: int = coarse.MIN_ROWS,
+        fast_min_rows: int = ivf.MIN_ROWS,
+        nprobe: int = DEFAULT_NPROBE,
     ):
         self.path = Path(path)
-        # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
-        # always scans every float vector. Writes: the coarse table exists while the
-        # index holds at least ``fast_min_rows`` vectors.
+        # Search: ``ef_search`` Hamming candidates from the ``nprobe`` nearest lists are
+        # re-ranked exactly; ``exact`` always scans every float vector. Writes: the
+        # inverted file exists while the index holds at least ``fast_min_rows`` vectors.
         self.ef_search = ef_search
+        self.nprobe = nprobe
         self.exact = exact
         self.fast_min_rows = fast_min_rows
+        # Set between begin_bulk and end_bulk: the inverted file is built once, at the end.
+        self._bulk = False
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -262,13 +280,10 @@ class SQLiteStore(Store):
             ]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
-        if self.search_mode() == coarse.MODE_BINARY:
-            try:
-                rows = coarse.search(self.conn, _blob(vector), fetch, self.ef_search)
-                return [(i, float(d)) for i, d in rows]
-            except Exception as e:  # dropped by a writer since search_mode() looked
-                if "no such table" not in str(e):
-                    raise
+        if not self.exact:
+            found = ivf.search(self.conn, vector, fetch, self.nprobe, self.ef_search)
+            if found is not None:
+                return found
         rows = self.conn.execute(
             """WITH knn AS (
                    SELECT rowid, distance FROM vec_images
@@ -282,10 +297,10 @@ class SQLiteStore(Store):
         return [(i, float(d)) for i, d in rows]
 
     def search_mode(self) -> str:
-        """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
-        if self.exact or not self.meta() or not coarse.exists(self.conn):
-            return coarse.MODE_EXACT
-        return coarse.MODE_BINARY
+        """How ``knn`` searches now: ``exact`` or ``ivf+rerank`` (large indexes)."""
+        if self.exact or not self.meta() or not ivf.exists(self.conn):
+            return ivf.MODE_EXACT
+        return ivf.MODE_IVF
 
     # -- writes ------------------------------------------------------------
 
@@ -294,7 +309,7 @@ class SQLiteStore(Store):
         n = 0
         now = time.time()
         with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
+            mirrored: list[tuple[int, np.ndarray, bool]] | None = [] if ivf.exists(conn) else None
             for it in items:
                 blob = _blob(it.vector)
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (it.id,)).fetchone()
@@ -315,20 +330,33 @@ class SQLiteStore(Store):
                 conn.execute(
                     "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
                 )
-                if mirrored:
-                    coarse.add(conn, rowid, blob, replacing=row is not None)
+                if mirrored is not None:
+                    mirrored.append((rowid, it.vector, row is not None))
                 n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
+            if mirrored:
+                ivf.add(conn, mirrored)
+            if n and not self._bulk:
+                ivf.sync(conn, self.fast_min_rows)
         return n
 
-    # vec0 has no index to drop: bulk loads need no preparation (begin_bulk).
+    def begin_bulk(self, expected: int) -> None:
+        """A load that at least doubles the index drops the inverted file and builds it
+        once in ``end_bulk``, rather than at every doubling on the way (searches meanwhile
+        are exact). A crash in between leaves no inverted file: the next write builds it."""
+        self._bulk = False
+        if not self.meta() or expected < max(self.count(), 1):
+            return
+        self._bulk = True
+        with self.transaction() as conn:
+            ivf.drop(conn)
+
     def end_bulk(self) -> None:
-        # An index built before the coarse table existed (or by a writer with another
-        # threshold) gets it now.
+        # Also gives an index built before the inverted file existed (or by a writer
+        # with another threshold) its inverted file.
+        self._bulk = False
         if self.meta():
             with self.transaction() as conn:
-                coarse.sync(conn, self.fast_min_rows)
+                ivf.sync(conn, self.fast_min_rows)
 
     def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
         """Record a new path/mtime for a file whose content did not change."""
@@ -341,15 +369,15 @@ class SQLiteStore(Store):
     def delete(self, ids: Iterable[str]) -> int:
         n = 0
         with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
+            mirrored = ivf.exists(conn)
             for image_id in ids:
                 row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
                 if row:
                     conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
                     conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
                     if mirrored:
-                        coarse.remove(conn, row[0])
+                        ivf.remove(conn, row[0])
                     n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
+            if n and not self._bulk:
+                ivf.sync(conn, self.fast_min_rows)
         return n

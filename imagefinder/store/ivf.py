@@ -1,0 +1,306 @@
+"""The inverted-file index that keeps KNN fast on large SQLite indexes, inside the file.
+
+An exact ``vec0`` scan costs ~2.6 us per 2048-d vector here (2.6 s at 1M), and one
+Hamming pass over every vector does not separate neighbours at that density (recall@10
+0.44 at 1M). So from ``MIN_ROWS`` vectors on, the index also keeps:
+
+- ``ivf_centroids``: k-means centroids (``kmeans.py``), 4 sqrt(n) of them; each
+  vector belongs to the list of its nearest centroid;
+- ``vec_ivf``: one bit per dimension per vector (``vector > centre``, the per-dimension
+  median: CNN features are almost all positive, so raw signs would all be ones), in a
+  ``vec0`` table whose partition key is the list;
+- ``ivf_state``: the centre, the row count it was trained at, and a build id that
+  readers key their in-memory copy of the centroids on.
+
+A search ranks the centroids in numpy, takes the Hamming-nearest ``candidates`` codes of
+the ``nprobe`` nearest lists in one ``vec0`` statement, and re-ranks them by exact L2
+against ``images.embedding`` in the same statement: distances returned are always exact,
+of rows that exist. Both counts grow with the number of results asked for, so deep pages
+keep their recall.
+
+SQLite stays the source of truth: writers keep ``vec_ivf`` in the same transaction as
+the rows it mirrors, and a (re)build is one transaction, so a crash leaves either the
+old structure or the new one, never a mix. Readers read the build id and search in one
+read transaction. The structure is (re)built when the index first reaches ``MIN_ROWS``
+and whenever it has doubled since, so the lists follow the catalogue; it is dropped
+below half of ``MIN_ROWS``, where an exact scan is as fast.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import kmeans
+from .base import keyset_pages
+
+TABLE = "vec_ivf"
+CENTROIDS = "ivf_centroids"
+STATE = "ivf_state"
+# Below this many vectors an exact scan takes ~10 ms or less at 2048-d, so exact it stays.
+MIN_ROWS = 5_000
+MODE_EXACT = "exact"
+MODE_IVF = "ivf+rerank"
+# k-means trains on this many vectors per list, at most SAMPLE_MAX in all: 16 per list
+# kept the recall of 64 per list (100k clustered vectors, 1265 lists) at a quarter of
+# the training time.
+SAMPLE_PER_LIST = 16
+SAMPLE_MAX = 65_536
+# vec0 refuses larger k.
+MAX_CANDIDATES = 4096
+# The defaults are per RESULTS_PER_PROBE results asked for: a search for 100 probes ten
+# times the lists and re-ranks ten times the candidates of a search for 10.
+RESULTS_PER_PROBE = 10
+PAGE = 4096
+# Codes per vec0 chunk: lists hold ~sqrt(n)/4 vectors (250 at 1M), and every list has
+# at least one chunk, so vec0's default of 1024 would be mostly empty space.
+CHUNK = 128
+
+
+def lists_for(rows: int) -> int:
+    """How many lists an index of ``rows`` vectors is split into: 4 sqrt(n), the low
+    end of faiss's guideline, and lists of at least 32 vectors. Fewer lists than the
+    data has natural clusters merge clusters, and a merged centroid sits nearer to
+    everything: at 100k clustered vectors 316 lists grew one list of 10k (10% of the
+    index scanned by every probe that touches it), where 1265 lists stay within 1.5x
+    of their mean size."""
+    return max(1, min(rows // 32, round(4 * math.sqrt(rows))))
+
+
+@dataclass(frozen=True)
+class _Lists:
+    build: str
+    centroids: np.ndarray
+    norms: np.ndarray
+    centre: np.ndarray
+    rows: int
+
+    def nearest_list(self, vectors: np.ndarray) -> np.ndarray:
+        return kmeans.nearest(vectors, self.centroids, self.norms)
+
+    def code(self, vectors: np.ndarray) -> np.ndarray:
+        return np.packbits(vectors > self.centre, axis=-1)
+
+
+# Centroids by build id: a build id is unique to one build of one file, so a process
+# serving several indexes, or seeing one rebuilt, never uses another's centroids.
+_CACHE: OrderedDict[str, _Lists] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def exists(conn: Any) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (STATE,)
+        ).fetchone()
+        is not None
+    )
+
+
+def _lists(conn: Any) -> _Lists | None:
+    """The current build's centroids (cached), or None if there is no structure."""
+    try:
+        row = conn.execute(f"SELECT build, rows, centre FROM {STATE}").fetchone()
+    except Exception as e:  # sqlite3 or sqlean's OperationalError
+        if "no such table" in str(e):
+            return None
+        raise
+    if row is None:
+        return None
+    build, rows, centre = row
+    with _CACHE_LOCK:
+        cached = _CACHE.get(build)
+        if cached is not None:
+            _CACHE.move_to_end(build)
+            return cached
+    blobs = conn.execute(f"SELECT vector FROM {CENTROIDS} ORDER BY list").fetchall()
+    dim = len(centre) // 4
+    centroids = np.frombuffer(b"".join(b[0] for b in blobs), dtype=np.float32).reshape(-1, dim)
+    lists = _Lists(
+        build,
+        centroids,
+        (centroids * centroids).sum(axis=1),
+        np.frombuffer(centre, dtype=np.float32),
+        int(rows),
+    )
+    with _CACHE_LOCK:
+        _CACHE[build] = lists
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return lists
+
+
+# -- writes (inside the writer's transaction) ---------------------------------------
+
+
+def add(conn: Any, rows: list[tuple[int, np.ndarray, bool]]) -> None:
+    """Mirror upserted vectors: (rowid, vector, replacing) each. One matrix product for
+    the batch: one vector against 4,000 centroids is a 32 MB read on its own."""
+    lists = _lists(conn)
+    if lists is None or not rows:
+        return
+    conn.executemany(
+        f"DELETE FROM {TABLE} WHERE rowid = ?",
+        [(rowid,) for rowid, _, replacing in rows if replacing],
+    )
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v, _ in rows])
+    nearest, codes = lists.nearest_list(vectors), lists.code(vectors)
+    conn.executemany(
+        f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_bit(?))",
+        [(r[0], int(n), c.tobytes()) for r, n, c in zip(rows, nearest, codes, strict=True)],
+    )
+
+
+def remove(conn: Any, rowid: int) -> None:
+    conn.execute(f"DELETE FROM {TABLE} WHERE rowid = ?", (rowid,))
+
+
+def sync(conn: Any, min_rows: int) -> None:
+    """Build, rebuild or drop the structure for the index's current size (inside a write)."""
+    count = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    if exists(conn):
+        built_at = conn.execute(f"SELECT rows FROM {STATE}").fetchone()[0]
+        if count < min_rows // 2:
+            drop(conn)
+        elif count >= 2 * max(built_at, 1):
+            build(conn)
+    elif count >= min_rows and count > 0:
+        build(conn)
+
+
+def drop(conn: Any) -> None:
+    for table in (TABLE, CENTROIDS, STATE):
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _index_partitions(conn: Any) -> None:
+    """Index vec0's chunk table by partition. sqlite-vec 0.1.9 finds a partition's
+    chunks by scanning every chunk row: with 4,000 lists each probe and each insert
+    read them all (0.30 ms per probe, 2 ms per insert at 4,000 lists; 0.03 ms and
+    0.06 ms with this index). The shadow table is sqlite-vec's own layout, so a version
+    that names it otherwise only loses the speed-up, never a row."""
+    columns = {r[1] for r in conn.execute(f"PRAGMA table_info({TABLE}_chunks)")}
+    if "partition00" in columns:
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {TABLE}_chunks_list ON {TABLE}_chunks(partition00)"
+        )
+
+
+def _sample(conn: Any, count: int, size: int) -> np.ndarray:
+    """Up to ``size`` vectors, evenly spread over the rowids. Reads only the sampled
+    rows' vectors: at 1M the vectors are 8 GB. (``ORDER BY id`` reads the rowids from
+    the id index; the table's own pages are mostly vector.)"""
+    rowids = np.sort([r[0] for r in conn.execute("SELECT rowid FROM images ORDER BY id")])
+    picked = rowids[np.linspace(0, len(rowids) - 1, min(size, len(rowids))).astype(np.int64)]
+    blobs = []
+    for lo in range(0, len(picked), 500):
+        part = [int(r) for r in picked[lo : lo + 500]]
+        marks = ",".join("?" * len(part))
+        blobs += conn.execute(
+            f"SELECT embedding FROM images WHERE rowid IN ({marks}) ORDER BY rowid", part
+        ).fetchall()
+    return np.frombuffer(b"".join(b[0] for b in blobs), dtype=np.float32).reshape(len(blobs), -1)
+
+
+def build(conn: Any) -> None:
+    """(Re)create the structure from ``images`` in the caller's transaction: train the
+    centroids on a sample, then assign and code every vector, a page at a time."""
+    dim = int(conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()[0])
+    count = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    nlists = lists_for(count)
+    sample = _sample(conn, count, min(SAMPLE_MAX, SAMPLE_PER_LIST * nlists))
+    centroids = kmeans.train(sample, nlists)
+    centre = np.median(sample, axis=0).astype(np.float32)
+    del sample
+    drop(conn)
+    conn.execute(
+        f"CREATE VIRTUAL TABLE {TABLE} USING vec0("
+        f"list integer partition key, code bit[{dim}], chunk_size={CHUNK})"
+    )
+    _index_partitions(conn)
+    conn.execute(f"CREATE TABLE {CENTROIDS} (list INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+    conn.execute(
+        f"CREATE TABLE {STATE} (id INTEGER PRIMARY KEY CHECK (id = 1), build TEXT NOT NULL, "
+        "rows INTEGER NOT NULL, centre BLOB NOT NULL)"
+    )
+    conn.executemany(
+        f"INSERT INTO {CENTROIDS} VALUES (?, ?)",
+        ((i, c.tobytes()) for i, c in enumerate(centroids)),
+    )
+    conn.execute(
+        f"INSERT INTO {STATE} VALUES (1, ?, ?, ?)", (uuid.uuid4().hex, count, centre.tobytes())
+    )
+    lists = _lists(conn)
+    assert lists is not None
+
+    def fetch(after: int, limit: int) -> list[Any]:
+        return conn.execute(
+            "SELECT rowid, embedding FROM images WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (after, limit),
+        ).fetchall()
+
+    for rows in keyset_pages(fetch, -1, PAGE):
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
+        vectors = vectors.reshape(len(rows), dim)
+        nearest, codes = lists.nearest_list(vectors), lists.code(vectors)
+        conn.executemany(
+            f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_bit(?))",
+            ((r[0], int(n), c.tobytes()) for r, n, c in zip(rows, nearest, codes, strict=True)),
+        )
+
+
+# -- search ----------------------------------------------------------------------------
+
+
+def search(
+    conn: Any, vector: np.ndarray, fetch: int, nprobe: int, candidates: int
+) -> list[tuple[str, float]] | None:
+    """The ``fetch`` nearest (id, exact L2 distance), or None if there is no structure.
+
+    ``nprobe`` lists and ``candidates`` codes are for up to ``RESULTS_PER_PROBE``
+    results; deeper requests scale both."""
+    vector = np.asarray(vector, dtype=np.float32)
+    scale = max(1.0, fetch / RESULTS_PER_PROBE)
+    # The centroids and the lists they index come from one snapshot.
+    conn.execute("BEGIN")
+    try:
+        lists = _lists(conn)
+        if lists is None:
+            return None
+        nlists = len(lists.centroids)
+        probes = min(nlists, math.ceil(nprobe * scale))
+        distances = lists.norms - 2 * (lists.centroids @ vector)
+        if probes < nlists:
+            chosen = np.argpartition(distances, probes - 1)[:probes]
+        else:
+            chosen = np.arange(nlists)
+        wanted = min(MAX_CANDIDATES, max(fetch, math.ceil(candidates * scale)))
+        # One vec0 query per list, in one statement: vec0 (0.1.9) answers an IN on the
+        # partition key 4x slower than these (and with k per partition anyway). The
+        # ORDER BY ... LIMIT keeps the overall Hamming-nearest; MATERIALIZED keeps SQLite
+        # from handing that LIMIT to vec0 as well, which it refuses beside k.
+        per_list = " UNION ALL ".join(
+            f"SELECT rowid, distance FROM {TABLE} "
+            f"WHERE code MATCH vec_bit(:code) AND k = :wanted AND list = :l{i}"
+            for i in range(len(chosen))
+        )
+        params: dict[str, Any] = {f"l{i}": int(c) for i, c in enumerate(chosen)}
+        params.update(code=lists.code(vector).tobytes(), wanted=wanted, q=vector.tobytes())
+        rows = conn.execute(
+            f"""WITH hits AS MATERIALIZED ({per_list}),
+                best AS (SELECT rowid FROM hits ORDER BY distance LIMIT :wanted)
+                SELECT images.id, vec_distance_l2(images.embedding, :q) AS distance
+                FROM best JOIN images ON images.rowid = best.rowid
+                ORDER BY distance LIMIT :fetch""",
+            {**params, "fetch": fetch},
+        ).fetchall()
+        return [(i, float(d)) for i, d in rows]
+    finally:
+        conn.execute("COMMIT")
