@@ -62,7 +62,7 @@ def test_ensure_schema_records_the_identity_and_the_metric(store):
     store.ensure_schema(IDENTITY)
     meta = store.meta()
     assert {k: meta[k] for k in IDENTITY} == IDENTITY
-    assert meta["metric"] == "l2" and meta["schema_version"] == "1"
+    assert meta["metric"] == "l2" and meta["schema_version"] == str(store.schema_version())
     assert store.count() == 0 and store.file_states() == {}
     store.ensure_schema(IDENTITY)  # the same model again: accepted, nothing changes
     assert store.meta() == meta

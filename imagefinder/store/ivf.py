@@ -54,6 +54,8 @@ SAMPLE_PER_LIST = 16
 SAMPLE_MAX = 65_536
 # vec0 refuses larger k.
 MAX_CANDIDATES = 4096
+# One SELECT per probed list, and SQLite compounds at most 500 (12% of the lists at 1M).
+MAX_PROBES = 500
 # The defaults are per RESULTS_PER_PROBE results asked for: a search for 100 probes ten
 # times the lists and re-ranks ten times the candidates of a search for 10.
 RESULTS_PER_PROBE = 10
@@ -275,7 +277,7 @@ def search(
         if lists is None:
             return None
         nlists = len(lists.centroids)
-        probes = min(nlists, math.ceil(nprobe * scale))
+        probes = min(nlists, MAX_PROBES, math.ceil(nprobe * scale))
         distances = lists.norms - 2 * (lists.centroids @ vector)
         if probes < nlists:
             chosen = np.argpartition(distances, probes - 1)[:probes]
