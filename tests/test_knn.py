@@ -119,7 +119,7 @@ def test_exclude_leaves_out_the_query_itself(large, data):
 def test_recall_holds_after_adds_and_deletes_batch_by_batch(tmp_path, large, data):
     vectors, more, queries = data
     path = tmp_path / "grown.db"
-    path.write_bytes(open(large, "rb").read())
+    SQLiteStore(large).conn.execute(f"VACUUM INTO '{path}'")
     store = SQLiteStore(path)
     built = store.conn.execute(f"SELECT build FROM {ivf.STATE}").fetchone()
     for start in range(0, len(more), 250):  # 10% more, as extraction adds them
