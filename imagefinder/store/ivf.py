@@ -109,19 +109,20 @@ def exists(conn: Any) -> bool:
 def _lists(conn: Any) -> _Lists | None:
     """The current build's centroids (cached), or None if there is no structure."""
     try:
-        row = conn.execute(f"SELECT build, rows, centre FROM {STATE}").fetchone()
+        row = conn.execute(f"SELECT build FROM {STATE}").fetchone()
     except Exception as e:  # sqlite3 or sqlean's OperationalError
         if "no such table" in str(e):
             return None
         raise
     if row is None:
         return None
-    build, rows, centre = row
+    build = row[0]
     with _CACHE_LOCK:
         cached = _CACHE.get(build)
         if cached is not None:
             _CACHE.move_to_end(build)
             return cached
+    rows, centre = conn.execute(f"SELECT rows, centre FROM {STATE}").fetchone()
     blobs = conn.execute(f"SELECT vector FROM {CENTROIDS} ORDER BY list").fetchall()
     dim = len(centre) // 4
     centroids = np.frombuffer(b"".join(b[0] for b in blobs), dtype=np.float32).reshape(-1, dim)
