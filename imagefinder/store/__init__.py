@@ -20,7 +20,7 @@ def open_store(
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
     anything else is the path of a SQLite file (exact below ``ivf.MIN_ROWS`` vectors,
-    then the ``ef_search`` Hamming-nearest codes of the ``nprobe`` nearest inverted lists,
+    then the ``ef_search`` nearest int8 codes of the ``nprobe`` nearest inverted lists,
     re-ranked exactly, unless ``exact``). None means each store's own default; ``nprobe``
     applies to SQLite only."""
     if is_postgres(location):

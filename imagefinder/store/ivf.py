@@ -6,17 +6,24 @@ Hamming pass over every vector does not separate neighbours at that density (rec
 
 - ``ivf_centroids``: k-means centroids (``kmeans.py``), 4 sqrt(n) of them; each
   vector belongs to the list of its nearest centroid;
-- ``vec_ivf``: one bit per dimension per vector (``vector > centre``, the per-dimension
-  median: CNN features are almost all positive, so raw signs would all be ones), in a
-  ``vec0`` table whose partition key is the list;
-- ``ivf_state``: the centre, the row count it was trained at, and a build id that
-  readers key their in-memory copy of the centroids on.
+- ``vec_ivf``: an int8 code per vector (``(vector - centre) * scale``, the centre the
+  per-dimension median, one scale for all dimensions so code distances rank like
+  vector distances), in a ``vec0`` table whose partition key is the list: a list's
+  codes sit together in a few chunk blobs, read in one go;
+- ``ivf_state``: the centre, the scale, the row count it was trained at, and a build
+  id that readers key their in-memory copy of the centroids on.
 
-A search ranks the centroids in numpy, takes the Hamming-nearest ``candidates`` codes of
-the ``nprobe`` nearest lists in one ``vec0`` statement, and re-ranks them by exact L2
-against ``images.embedding`` in the same statement: distances returned are always exact,
-of rows that exist. Both counts grow with the number of results asked for, so deep pages
+A search ranks the centroids in numpy, takes the ``candidates`` nearest codes of the
+``nprobe`` nearest lists in one statement, and re-ranks them by exact L2 against
+``images.embedding`` in the same statement: distances returned are always exact, of
+rows that exist. Both counts grow with the number of results asked for, so deep pages
 keep their recall.
+
+Why int8 and not one bit per dimension: bits rank so loosely that 200-400 candidates
+must be re-ranked for recall@10 >= 0.99, and at 1M each candidate is a random 8 KB read
+from a 17 GB file, so the re-rank, not the scan, set the latency (155-195 ms p50,
+bench/results/stores-1000000-bitcodes.json). int8 codes rank almost exactly, so a few
+dozen candidates do; they cost 2 KB per vector (2 GB at 1M) against 256 bytes.
 
 SQLite stays the source of truth: writers keep ``vec_ivf`` in the same transaction as
 the rows it mirrors, and a (re)build is one transaction, so a crash leaves either the
@@ -60,8 +67,9 @@ MAX_PROBES = 500
 # times the lists and re-ranks ten times the candidates of a search for 10.
 RESULTS_PER_PROBE = 10
 PAGE = 4096
-# Codes per vec0 chunk: lists hold ~sqrt(n)/4 vectors (250 at 1M), and every list has
-# at least one chunk, so vec0's default of 1024 would be mostly empty space.
+# Codes per vec0 chunk (256 KB of int8 at 2048-d): lists hold ~sqrt(n)/4 vectors (250
+# at 1M), and every list has at least one chunk, so vec0's default of 1024 would be
+# mostly empty space.
 CHUNK = 128
 
 
@@ -81,13 +89,17 @@ class _Lists:
     centroids: np.ndarray
     norms: np.ndarray
     centre: np.ndarray
+    scale: float
     rows: int
 
     def nearest_list(self, vectors: np.ndarray) -> np.ndarray:
         return kmeans.nearest(vectors, self.centroids, self.norms)
 
     def code(self, vectors: np.ndarray) -> np.ndarray:
-        return np.packbits(vectors > self.centre, axis=-1)
+        """int8 codes: one scale for every dimension, so L2 between codes is L2 between
+        vectors (times the scale) up to rounding."""
+        scaled = np.rint((vectors - self.centre) * self.scale)
+        return np.clip(scaled, -127, 127).astype(np.int8)
 
 
 # Centroids by build id: a build id is unique to one build of one file, so a process
@@ -122,7 +134,7 @@ def _lists(conn: Any) -> _Lists | None:
         if cached is not None:
             _CACHE.move_to_end(build)
             return cached
-    rows, centre = conn.execute(f"SELECT rows, centre FROM {STATE}").fetchone()
+    rows, centre, scale = conn.execute(f"SELECT rows, centre, scale FROM {STATE}").fetchone()
     blobs = conn.execute(f"SELECT vector FROM {CENTROIDS} ORDER BY list").fetchall()
     dim = len(centre) // 4
     centroids = np.frombuffer(b"".join(b[0] for b in blobs), dtype=np.float32).reshape(-1, dim)
@@ -131,6 +143,7 @@ def _lists(conn: Any) -> _Lists | None:
         centroids,
         (centroids * centroids).sum(axis=1),
         np.frombuffer(centre, dtype=np.float32),
+        float(scale),
         int(rows),
     )
     with _CACHE_LOCK:
@@ -156,7 +169,7 @@ def add(conn: Any, rows: list[tuple[int, np.ndarray, bool]]) -> None:
     vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v, _ in rows])
     nearest, codes = lists.nearest_list(vectors), lists.code(vectors)
     conn.executemany(
-        f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_bit(?))",
+        f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_int8(?))",
         [(r[0], int(n), c.tobytes()) for r, n, c in zip(rows, nearest, codes, strict=True)],
     )
 
@@ -221,24 +234,27 @@ def build(conn: Any) -> None:
     sample = _sample(conn, count, min(SAMPLE_MAX, SAMPLE_PER_LIST * nlists))
     centroids = kmeans.train(sample, nlists)
     centre = np.median(sample, axis=0).astype(np.float32)
+    # The sample's largest deviation maps to 127: the rare larger one is clipped.
+    scale = 127.0 / max(float(np.abs(sample - centre).max()), 1e-12)
     del sample
     drop(conn)
     conn.execute(
         f"CREATE VIRTUAL TABLE {TABLE} USING vec0("
-        f"list integer partition key, code bit[{dim}], chunk_size={CHUNK})"
+        f"list integer partition key, code int8[{dim}], chunk_size={CHUNK})"
     )
     _index_partitions(conn)
     conn.execute(f"CREATE TABLE {CENTROIDS} (list INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
     conn.execute(
         f"CREATE TABLE {STATE} (id INTEGER PRIMARY KEY CHECK (id = 1), build TEXT NOT NULL, "
-        "rows INTEGER NOT NULL, centre BLOB NOT NULL)"
+        "rows INTEGER NOT NULL, centre BLOB NOT NULL, scale REAL NOT NULL)"
     )
     conn.executemany(
         f"INSERT INTO {CENTROIDS} VALUES (?, ?)",
         ((i, c.tobytes()) for i, c in enumerate(centroids)),
     )
     conn.execute(
-        f"INSERT INTO {STATE} VALUES (1, ?, ?, ?)", (uuid.uuid4().hex, count, centre.tobytes())
+        f"INSERT INTO {STATE} VALUES (1, ?, ?, ?, ?)",
+        (uuid.uuid4().hex, count, centre.tobytes(), scale),
     )
     lists = _lists(conn)
     assert lists is not None
@@ -254,7 +270,7 @@ def build(conn: Any) -> None:
         vectors = vectors.reshape(len(rows), dim)
         nearest, codes = lists.nearest_list(vectors), lists.code(vectors)
         conn.executemany(
-            f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_bit(?))",
+            f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_int8(?))",
             ((r[0], int(n), c.tobytes()) for r, n, c in zip(rows, nearest, codes, strict=True)),
         )
 
@@ -287,11 +303,11 @@ def search(
         wanted = min(MAX_CANDIDATES, max(fetch, math.ceil(candidates * scale)))
         # One vec0 query per list, in one statement: vec0 (0.1.9) answers an IN on the
         # partition key 4x slower than these (and with k per partition anyway). The
-        # ORDER BY ... LIMIT keeps the overall Hamming-nearest; MATERIALIZED keeps SQLite
+        # ORDER BY ... LIMIT keeps the overall nearest codes; MATERIALIZED keeps SQLite
         # from handing that LIMIT to vec0 as well, which it refuses beside k.
         per_list = " UNION ALL ".join(
             f"SELECT rowid, distance FROM {TABLE} "
-            f"WHERE code MATCH vec_bit(:code) AND k = :wanted AND list = :l{i}"
+            f"WHERE code MATCH vec_int8(:code) AND k = :wanted AND list = :l{i}"
             for i in range(len(chosen))
         )
         params: dict[str, Any] = {f"l{i}": int(c) for i, c in enumerate(chosen)}

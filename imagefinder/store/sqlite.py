@@ -8,8 +8,8 @@ Layout (schema version 1):
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
 - ``vec_ivf`` + ``ivf_centroids`` + ``ivf_state``: from ``ivf.MIN_ROWS`` vectors on,
-  an inverted-file index: k-means lists, one bit per dimension per vector, the nearest
-  lists' Hamming-nearest codes re-ranked exactly (see ``ivf.py``).
+  an inverted-file index: k-means lists, an int8 code per vector, the nearest lists'
+  nearest codes re-ranked exactly (see ``ivf.py``).
 
 Schema version 2 replaced version 1's ``vec_coarse`` (one Hamming pass over every
 vector, recall@10 0.44 at 1M) with the inverted file.
@@ -34,10 +34,10 @@ from ..errors import StoreError
 from . import ivf
 from .base import FileState, Item, Store, keyset_pages, new_meta
 
-# For up to 10 results: the Hamming-nearest codes re-ranked exactly
+# For up to 10 results: the nearest int8 codes re-ranked exactly
 # (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
 # 1M sweep in bench/bench_stores.py (see README, "What the benchmark measured").
-DEFAULT_CANDIDATES = 400
+DEFAULT_CANDIDATES = 40
 DEFAULT_NPROBE = 16
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
@@ -122,7 +122,7 @@ class SQLiteStore(Store):
         nprobe: int = DEFAULT_NPROBE,
     ):
         self.path = Path(path)
-        # Search: ``ef_search`` Hamming candidates from the ``nprobe`` nearest lists are
+        # Search: ``ef_search`` candidates from the ``nprobe`` nearest lists are
         # re-ranked exactly; ``exact`` always scans every float vector. Writes: the
         # inverted file exists while the index holds at least ``fast_min_rows`` vectors.
         self.ef_search = ef_search
