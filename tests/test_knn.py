@@ -269,3 +269,18 @@ def test_the_search_effort_is_configured_from_the_environment(tmp_path):
     for name in ("IMAGEFINDER_NPROBE", "IMAGEFINDER_EF_SEARCH"):
         with pytest.raises(ConfigError, match=name):
             Settings.from_env({name: "0"})
+
+
+def test_an_id_twice_in_one_batch_keeps_its_last_vector(tmp_path, data):
+    vectors, _, queries = data
+    store = SQLiteStore(tmp_path / "index.db", fast_min_rows=1000)
+    store.ensure_schema(identity())
+    store.upsert(items(vectors[:1000]))
+    twice = [
+        Item("new", "/a", "0" * 64, 1, 1, queries[0]),
+        Item("new", "/b", "1" * 64, 1, 1, queries[1]),
+    ]
+    store.upsert([*twice, Item("img3", "/c", "2" * 64, 1, 1, queries[2]), twice[1]])
+    assert store.knn(queries[1], 1) == [("new", pytest.approx(0, abs=1e-6))]
+    assert store.knn(queries[2], 1) == [("img3", pytest.approx(0, abs=1e-6))]
+    assert ivf_rowids(store) == image_rowids(store)

@@ -162,15 +162,20 @@ def add(conn: Any, rows: list[tuple[int, np.ndarray, bool]]) -> None:
     lists = _lists(conn)
     if lists is None or not rows:
         return
+    # An id twice in one batch: its last vector wins, and it had a code before the
+    # batch only if its first occurrence was a replacement.
+    latest: dict[int, tuple[np.ndarray, bool]] = {}
+    for rowid, vector, replacing in rows:
+        latest[rowid] = (vector, latest[rowid][1] if rowid in latest else replacing)
     conn.executemany(
         f"DELETE FROM {TABLE} WHERE rowid = ?",
-        [(rowid,) for rowid, _, replacing in rows if replacing],
+        [(rowid,) for rowid, (_, replacing) in latest.items() if replacing],
     )
-    vectors = np.stack([np.asarray(v, dtype=np.float32) for _, v, _ in rows])
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for v, _ in latest.values()])
     nearest, codes = lists.nearest_list(vectors), lists.code(vectors)
     conn.executemany(
         f"INSERT INTO {TABLE} (rowid, list, code) VALUES (?, ?, vec_int8(?))",
-        [(r[0], int(n), c.tobytes()) for r, n, c in zip(rows, nearest, codes, strict=True)],
+        [(r, int(n), c.tobytes()) for r, n, c in zip(latest, nearest, codes, strict=True)],
     )
 
 
