@@ -280,6 +280,19 @@ def build(conn: Any) -> None:
         )
 
 
+def preload(conn: Any) -> int:
+    """Read every code once, so that the page cache holds them (2 GB at 1M): a probe
+    then costs no disk reads but the re-rank's. Returns the bytes read (0 without an
+    inverted file). vec0 keeps each list's codes in chunk blobs of its shadow table."""
+    try:
+        row = conn.execute(f"SELECT sum(length(vectors)) FROM {TABLE}_vector_chunks00").fetchone()
+    except Exception as e:  # no inverted file, or a vec0 with another layout
+        if "no such table" in str(e):
+            return 0
+        raise
+    return int(row[0] or 0)
+
+
 # -- search ----------------------------------------------------------------------------
 
 
