@@ -23,7 +23,6 @@ from imagefinder.errors import ModelUnavailable
 from imagefinder.indexer import index_folder
 from imagefinder.model.embedder import load_embedder
 from imagefinder.store import open_store
-from imagefinder.store.sqlite import SQLiteStore
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
 RESNET50_URL = "https://download.pytorch.org/models/" + RESNET50_FILE
@@ -222,7 +221,7 @@ def test_the_index_records_what_its_vectors_mean(photos, db_location, lite0):
     store = open_store(db_location)
     meta = store.meta()
     store.close()
-    assert meta["schema_version"] == str(SQLiteStore.schema_version())
+    assert meta["schema_version"] == str(store.schema_version())
     assert (meta["model"], meta["weights"], meta["dim"], meta["metric"]) == (
         "efficientnet-lite0", "bundled", "1280", "l2",
     )  # fmt: skip
