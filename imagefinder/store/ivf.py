@@ -20,10 +20,11 @@ rows that exist. Both counts grow with the number of results asked for, so deep 
 keep their recall.
 
 Why int8 and not one bit per dimension: bits rank so loosely that 200-400 candidates
-must be re-ranked for recall@10 >= 0.99, and at 1M each candidate is a random 8 KB read
-from a 17 GB file, so the re-rank, not the scan, set the latency (155-195 ms p50,
-bench/results/stores-1000000-bitcodes.json). int8 codes rank almost exactly, so a few
-dozen candidates do; they cost 2 KB per vector (2 GB at 1M) against 256 bytes.
+must be re-ranked for recall@10 >= 0.99, each a random 8 KB read from the 17 GB file of
+a 1M index (bench/results/stores-1000000-bitcodes.json: p50 108-195 ms). int8 codes
+rank almost exactly, so 40 candidates do; they cost 2 KB per vector (2 GB at 1M)
+against 256 bytes. At 1M on clustered data a few lists still grow to 50-80k vectors
+(hubs), and a probe of one scans it whole: bounding list sizes there is still to do.
 
 SQLite stays the source of truth: writers keep ``vec_ivf`` in the same transaction as
 the rows it mirrors, and a (re)build is one transaction, so a crash leaves either the
