@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+# The project first: a worktree beside an editable install of another checkout.
+sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 
 import indexing  # noqa: E402
 import report  # noqa: E402
@@ -81,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     sections = args.only or list(SECTIONS)
     if "knn" in sections and importlib.util.find_spec("faiss") is None:
-        sys.exit("the KNN section compares against faiss: pip install faiss-cpu (bench only)")
+        sys.exit("the KNN section compares against faiss: pip install -e '.[bench]'")
     started = time.time()
 
     def log(message: str) -> None:

@@ -2,7 +2,8 @@
 
     python bench/bench_stores.py                      # 100k 2048-d vectors, both stores
     python bench/bench_stores.py --n 10000            # a quick run
-    python bench/bench_stores.py --n 1000000 -k 10 --skip-postgres --skip-caltech --commit
+    python bench/bench_stores.py --commit             # also refresh the tracked results
+    python bench/bench_stores.py --n 1000000 --skip-postgres --skip-caltech --commit
 
 For each store: build time, size on disk, query latency p50/p95 and recall@k against
 exact numpy brute force, through the stores' public ``knn``. SQLite: its inverted file
@@ -10,8 +11,10 @@ over an nprobe x ef_search sweep (the first pair is the default the run measures
 first), then exact; then 10% more vectors added one batch at a time, as extraction adds
 them, and the default measured again against the grown index's exact answer. pgvector:
 HNSW over an ef_search sweep, then exact. Then one extraction of the Caltech photos
-with efficientnet-lite0 into each store (images/s). Prints a markdown table; with
-``--commit`` writes bench/results/stores-<n>.json (tracked).
+with efficientnet-lite0 into each store (images/s). Prints a markdown table; writes
+bench/results/stores-<time>.json (git-ignored), and only with ``--commit`` the tracked
+results the README quotes: bench/results/stores.{json,md} for the default 100k run,
+bench/results/stores-<n>.{json,md} for another ``--n``.
 
 The vectors are ``support.clustered_vectors`` (CNN-like: positive, clustered), drawn in
 one call for the index, the 10% added later and the queries; queries are measured after
@@ -166,7 +169,9 @@ def bench_sqlite(folder: Path, source, queries, truth, k, sweep, more, truth_aft
 
 
 def bench_postgres(url: str, vectors, queries, truth, k, sweep: list[int]) -> dict:
-    store = PGStore(url, ef_search=sweep[0])
+    """PostgreSQL as users get it (HNSW at its default ef_search), each ef_search of
+    ``sweep``, then exact (no index)."""
+    store = PGStore(url)
     load_s = load(store, vectors)
     start = time.perf_counter()
     store.end_bulk()  # the HNSW build, after the bulk load
@@ -183,16 +188,19 @@ def bench_postgres(url: str, vectors, queries, truth, k, sweep: list[int]) -> di
         "index_bytes": index_bytes,
         "table_bytes": table_bytes,
         "count_ms": timed_count(store),
-        "ef_search": sweep[0],
+        "ef_search": store.ef_search,
     }
     half = len(queries) // 2
     warm(store, queries[half:], k)
     queries, truth = queries[:half], truth[:half]
+    result.update(queries_stats(store, queries, truth, k))
+    default = store.ef_search
     result["sweep"] = []
     for ef in sweep:
-        store.ef_search = ef
-        result["sweep"].append({"ef_search": ef, **queries_stats(store, queries, truth, k)})
-    result.update({key: v for key, v in result["sweep"][0].items() if key != "ef_search"})
+        if ef != default:
+            store.ef_search = ef
+            result["sweep"].append({"ef_search": ef, **queries_stats(store, queries, truth, k)})
+    store.ef_search = default
     exact = PGStore(url, exact=True)
     few = max(5, len(queries) // 10)
     result["exact"] = queries_stats(exact, queries[:few], truth[:few], k)
@@ -264,13 +272,13 @@ def table(report: dict) -> str:
     if "postgres" in report:
         p = report["postgres"]
         row(
-            f"pgvector HNSW, ef_search={p['ef_search']}",
+            f"pgvector HNSW, ef_search={p['ef_search']} (default)",
             p,
             f"{p['build_s']} ({p['load_s']} load + {p['index_build_s']} index)",
             f"{p['index_bytes'] / mib:.0f} index + {p['table_bytes'] / mib:.0f} table",
             p["count_ms"],
         )
-        for sweep in p["sweep"][1:]:
+        for sweep in p["sweep"]:
             row(f"pgvector HNSW, ef_search={sweep['ef_search']}", sweep)
         row(f"pgvector exact, no index ({p['exact']['queries']} queries)", p["exact"])
     if "caltech" in report:
@@ -323,8 +331,8 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument(
         "--ef-search",
-        default="200,100,40",
-        help="pgvector, comma-separated; the first is the headline figure",
+        default="40,100,200",
+        help="pgvector ef_search values to sweep besides its default, comma-separated",
     )
     parser.add_argument(
         "--sqlite-sweep",
@@ -336,7 +344,10 @@ def main() -> None:
     parser.add_argument("--skip-caltech", action="store_true", help="vectors only")
     parser.add_argument("--tmp", default=None, help="folder for the index files")
     parser.add_argument(
-        "--commit", action="store_true", help="write bench/results/stores-<n>.json (tracked)"
+        "--commit",
+        action="store_true",
+        help="also write the tracked results the README quotes (bench/results/stores.{json,md} "
+        "at the default --n, stores-<n>.{json,md} otherwise)",
     )
     args = parser.parse_args()
     sweep = [int(x) for x in args.ef_search.split(",")]
@@ -358,7 +369,8 @@ def main() -> None:
         "k": args.k,
         "generator": "tests/support.clustered_vectors",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python bench/bench_stores.py", *sys.argv[1:]]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     folder = Path(tempfile.mkdtemp(prefix="imagefinder-bench-", dir=args.tmp))
     try:
@@ -380,10 +392,22 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
-    print(table(report))
+    finish(report, args.commit, default_n=args.n == parser.get_default("n"))
+
+
+def finish(report: dict, commit: bool, default_n: bool) -> None:
+    markdown = table(report)
+    print(markdown)
     print(f"\n(total {report['total_s']} s)")
-    if args.commit:
-        out = BENCH / "results" / f"stores-{args.n}.json"
+    results = BENCH / "results"
+    results.mkdir(exist_ok=True)
+    outs = [results / f"stores-{time.strftime('%Y%m%d-%H%M%S')}.json"]
+    if commit:
+        name = "stores" if default_n else f"stores-{report['n']}"
+        outs.append(results / f"{name}.json")
+        header = f"# Stores\n\n`{report['command']}`, {report['when']}, {report['total_s']} s.\n\n"
+        (results / f"{name}.md").write_text(header + markdown + "\n")
+    for out in outs:
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
 

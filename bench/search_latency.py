@@ -68,7 +68,8 @@ def run_search(db: Path, photo: bytes, model: str, weights: str | None, quick: b
     if weights:
         env["IMAGEFINDER_WEIGHTS"] = weights
     log("search: starting the server")
-    with LiveServer(env) as server:
+    # One log line per request: to a file beside the index, not over the benchmark's output.
+    with LiveServer(env, log=db.parent / "server-search-latency.log") as server:
         rss_loaded = rss_mb(server.proc.pid)
         url = server.url + "/similarity-search"
 

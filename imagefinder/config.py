@@ -7,6 +7,7 @@ else in the package reads ``os.environ``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -14,10 +15,30 @@ from typing import Any
 from .errors import ConfigError
 
 PREFIX = "IMAGEFINDER_"
+# What IMAGEFINDER_DB calls a plain location (no name=): the server's one index.
+DEFAULT_INDEX = "default"
+INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# Numbers that would otherwise fail later, far from their cause (a batch size of 0
+# stopped an extraction half-way with "range() arg 3 must not be zero").
+RANGES: dict[str, tuple[int, int]] = {
+    "threads": (1, 1024),
+    "batch_size": (1, 4096),
+    "max_upload_bytes": (1, 1 << 40),
+    "max_pixels": (1, 1 << 40),
+    "ef_search": (1, 100_000),
+    "nprobe": (1, 100_000),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "metrics": ("token", "public", "off"),
+    "log_format": ("text", "json"),
+}
 
 
 @dataclass(frozen=True)
 class Settings:
+    # One index location (a SQLite path or a postgresql:// URL), or several as
+    # comma-separated name=location pairs (see ``indexes``).
     db: str = "data/imagefinder.db"
     images_dir: str = "data/images"
     model: str = "resnet50"
@@ -39,12 +60,14 @@ class Settings:
     # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
     # data/thumbs/ for a server index.
     thumbs_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("ef_search", "nprobe"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{PREFIX}{name.upper()}={value} must be at least 1")
+    # αQE on searches that do not say (``expand``); DBA for new indexes (an index keeps
+    # its own setting). Both on: they won on the dev split (bench/results/quality.md).
+    expand: bool = True
+    dba: bool = True
+    # GET /metrics: "token" (default: the API token is required), "public", or "off".
+    metrics: str = "token"
+    # One line per request, and the server's own messages: "text" or "json".
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -55,7 +78,9 @@ class Settings:
             raw = environ.get(PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name == "cors_origins":
+            if f.name in CHOICES:
+                values[f.name] = raw.strip().lower()
+            elif f.name == "cors_origins":
                 values[f.name] = tuple(o.strip() for o in raw.split(",") if o.strip())
             elif f.type in ("int", "int | None"):
                 try:
@@ -75,6 +100,55 @@ class Settings:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()}={value} is out of range; use {low} to {high:,}"
+                )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{PREFIX}{name.upper()}={getattr(self, name)!r} is not one of "
+                    + ", ".join(allowed)
+                )
+        self.indexes  # noqa: B018 (a malformed IMAGEFINDER_DB fails here, at startup)
+
+    @property
+    def indexes(self) -> tuple[tuple[str, str], ...]:
+        """The indexes ``db`` names, as (name, location) pairs; the first is the default.
+
+        ``db`` is one location (named ``default``), or ``name=location`` pairs separated
+        by commas, e.g. ``images=data/r50.db,text=data/clip.db``. A name is letters,
+        digits, ``_``, ``-`` and ``.``, so a path or URL with an ``=`` of its own (a
+        PostgreSQL ``?sslmode=...``) still reads as one location."""
+        text = self.db.strip()
+        head = text.split(",", 1)[0]
+        name, sep, _ = head.partition("=")
+        if not sep or not INDEX_NAME.fullmatch(name.strip()):
+            return ((DEFAULT_INDEX, text),)
+        pairs: list[tuple[str, str]] = []
+        for part in text.split(","):
+            name, sep, location = (x.strip() for x in part.partition("="))
+            if not part.strip():
+                continue
+            if not sep or not INDEX_NAME.fullmatch(name) or not location:
+                raise ConfigError(
+                    f"{PREFIX}DB: {part.strip()!r} is not name=location; write each index "
+                    f"as name=location (name: letters, digits, '_', '-', '.'), separated "
+                    f"by commas"
+                )
+            if any(name == n for n, _ in pairs):
+                raise ConfigError(f"{PREFIX}DB names the index {name!r} twice")
+            pairs.append((name, location))
+        return tuple(pairs)
+
+    @property
+    def location(self) -> str:
+        """The default index's location (the first of ``indexes``)."""
+        return self.indexes[0][1]
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from . import __version__
+from . import __version__, network
 from .catalog import Row, url_problem
 from .errors import ImageError
 from .files import existing_file, place_file, sweep_temp_files, temp_file
@@ -49,14 +49,29 @@ class Outcome:
     reason: str = ""
     path: str = ""
     bytes: int = 0
+    # For a network failure, its kind (network.DNS, REFUSED, ...): the summary of a run
+    # where every row failed names the common cause.
+    cause: str = ""
 
 
-class _Permanent(Exception):
+class _Failure(Exception):
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__(message)
+        self.cause = cause  # a network.* kind, for network failures
+
+
+class _Permanent(_Failure):
     """A failure that retrying will not fix."""
 
 
-class _Transient(Exception):
+class _Transient(_Failure):
     """A failure worth retrying (timeouts, connection resets, 5xx, 429)."""
+
+
+def _network_failure(exc: BaseException, url: str) -> _Failure:
+    failure = network.explain(exc, url)
+    kind = _Transient if failure.retry else _Permanent
+    return kind(failure.message, failure.kind)
 
 
 class Downloader:
@@ -64,6 +79,11 @@ class Downloader:
         self.output_dir = Path(output_dir)
         self.options = options or DownloadOptions()
         self._local = threading.local()
+        # Host -> (DNS failures, message). A catalogue names a few hosts many times: once a
+        # name proved unresolvable (or the resolver stayed silent through every retry of
+        # it), its other rows fail at once, so an offline run ends in seconds rather than
+        # minutes of lookups and backoff.
+        self._dns_failures: dict[str, tuple[float, str]] = {}
 
     @property
     def session(self) -> requests.Session:
@@ -95,8 +115,14 @@ class Downloader:
         return [outcomes[row.line] for row in rows]
 
     def fetch_row(self, row: Row) -> Outcome:
-        def out(status: str, reason: str = "", path: Path | None = None, size: int = 0) -> Outcome:
-            return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size)
+        def out(
+            status: str,
+            reason: str = "",
+            path: Path | None = None,
+            size: int = 0,
+            cause: str = "",
+        ) -> Outcome:
+            return Outcome(row.line, row.id, row.url, status, reason, str(path or ""), size, cause)
 
         if row.problem:
             return out("failed", row.problem)
@@ -113,11 +139,11 @@ class Downloader:
                 path, size = self._fetch(row)
                 return out("downloaded", "", path, size)
             except _Permanent as e:
-                return out("failed", str(e))
+                return out("failed", str(e), cause=e.cause)
             except _Transient as e:
                 attempt += 1
                 if attempt > self.options.retries:
-                    return out("failed", f"{e} (after {attempt} attempts)")
+                    return out("failed", f"{e} (after {attempt} attempts)", cause=e.cause)
                 delay = self.options.backoff * 2 ** (attempt - 1)
                 time.sleep(delay * (0.5 + random.random()))
             except Exception as e:  # never let one row kill the run
@@ -129,12 +155,21 @@ class Downloader:
             problem = url_problem(url)
             if problem:
                 raise _Permanent(f"redirected to a refused url: {problem}")
+            host = urlsplit(url).hostname or ""
+            failures, message = self._dns_failures.get(host, (0, ""))
+            if failures > self.options.retries:
+                raise _Permanent(f"{message} (as before in this run)", network.DNS)
             try:
                 resp = self.session.get(
                     url, stream=True, timeout=self.options.timeout, allow_redirects=False
                 )
             except (requests.Timeout, requests.ConnectionError) as e:
-                raise _Transient(f"network error: {type(e).__name__}") from e
+                failure = _network_failure(e, url)
+                if failure.cause == network.DNS:
+                    permanent = isinstance(failure, _Permanent)
+                    count = float("inf") if permanent else failures + 1
+                    self._dns_failures[host] = (count, str(failure))
+                raise failure from e
             except requests.RequestException as e:
                 raise _Permanent(f"request failed: {e}") from e
             if resp.is_redirect:
@@ -172,8 +207,9 @@ class Downloader:
                     except (requests.RequestException, OSError) as e:
                         if isinstance(e, OSError) and not isinstance(e, requests.RequestException):
                             raise _Permanent(f"cannot write: {e}") from e
+                        failure = network.explain(e, row.url)
                         raise _Transient(
-                            f"connection broke mid-download: {type(e).__name__}"
+                            f"download broke off: {failure.message}", failure.kind
                         ) from e
                     f.flush()
                     os.fsync(f.fileno())

@@ -73,6 +73,12 @@ class ModelUnavailable(ImageFinderError):
     code = "model_unavailable"
 
 
+class TextNotSupported(ImageFinderError):
+    """A text query to an index whose model embeds images only."""
+
+    code = "text_not_supported"
+
+
 class StoreError(ImageFinderError):
     """The index cannot be opened, read or written."""
 
@@ -96,6 +102,12 @@ class NotFound(ImageFinderError):
     code = "unknown_id"
 
 
+class UnknownIndex(NotFound):
+    """A request names an index the server does not serve."""
+
+    code = "unknown_index"
+
+
 class Unauthorized(ImageFinderError):
     """A write without the right bearer token."""
 
@@ -106,6 +118,19 @@ class WritesDisabled(ImageFinderError):
     """A write to a server that has no token configured."""
 
     code = "writes_disabled"
+
+
+class MetricsDisabled(ImageFinderError):
+    """``GET /metrics`` behind the token, on a server that has no token configured."""
+
+    code = "metrics_disabled"
+
+
+class RemoteError(ImageFinderError):
+    """A server asked over HTTP (``search --server``) could not be reached, or did not
+    answer like an ImageFinder server. Its own error answers keep their codes."""
+
+    code = "remote_error"
 
 
 def unknown_id(image_id: str) -> NotFound:

@@ -36,12 +36,32 @@ def existing_file(output_dir: Path, image_id: str) -> Path | None:
     return None
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask can only swap it, which
+    races with other threads creating files) where Linux tells it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_temp(folder: str | Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """``mkstemp`` with the permissions of an ordinary new file: mkstemp creates 0600,
+    but a catalogue image or thumbnail is no secret, and the user's umask decides."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, Path(tmp)
+
+
 def temp_file(output_dir: Path, image_id: str) -> tuple[int, Path]:
     """A hidden temporary file beside the final one (same filesystem, so rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=f"{TEMP_PREFIX}{image_id}.", suffix=TEMP_SUFFIX, dir=output_dir
-    )
-    return fd, Path(tmp)
+    return new_temp(output_dir, f"{TEMP_PREFIX}{image_id}.", TEMP_SUFFIX)
 
 
 def place_file(tmp_path: Path, output_dir: Path, image_id: str, fmt: str) -> Path:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 
+from . import augment
 from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
@@ -39,6 +40,8 @@ class Summary:
     skipped: int = 0
     pruned: int = 0
     missing: int = 0
+    # Images whose DBA vectors were recomputed at the end (0: DBA off, or nothing changed).
+    augmented: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -55,9 +58,12 @@ class Summary:
 @dataclass(frozen=True)
 class Candidate:
     id: str
-    path: Path
+    path: Path  # absolute: what the index records
     size: int
     mtime_ns: int
+    # As found under the folder the user named (relative if it was): what messages show,
+    # so every skip line of a run names its file the same way.
+    shown: str = ""
 
 
 def file_id(path: Path, root: Path) -> str:
@@ -106,7 +112,9 @@ def scan(root: Path) -> tuple[list[Candidate], list[tuple[str, str]]]:
             except OSError as e:
                 refused.append((str(path), e.strerror or str(e)))
                 continue
-            found[image_id] = Candidate(image_id, path.resolve(), st.st_size, st.st_mtime_ns)
+            found[image_id] = Candidate(
+                image_id, path.resolve(), st.st_size, st.st_mtime_ns, str(path)
+            )
     return list(found.values()), refused
 
 
@@ -153,14 +161,17 @@ def index_folder(
     prune: bool = False,
     max_pixels: int = 100_000_000,
     select: Callable[[str], bool] | None = None,
+    dba: bool | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> Summary:
     """Embed every new or changed image under ``folder`` into ``store``.
 
-    ``select`` limits the run to some ids (sharding). ``on_*`` callbacks drive
-    the CLI's progress bar without tying this module to click.
+    ``select`` limits the run to some ids (sharding). ``dba`` turns the index's
+    database-side augmentation on or off (None: as it is); while on, the augmented
+    vectors are recomputed at the end whenever the run changed anything (augment.py).
+    ``on_*`` callbacks drive the CLI's progress bar without tying this module to click.
     """
     root = Path(folder)
     summary = Summary()
@@ -172,12 +183,18 @@ def index_folder(
             on_skip(path, reason)
 
     store.ensure_schema(embedder.meta())
+    if dba is not None:
+        augment.set_enabled(store, dba, compute=False)
     candidates, refused = scan(root)
     for refused_path, why in refused:
         skip(refused_path, why)
     if select is not None:
         candidates = [c for c in candidates if select(c.id)]
     known = store.file_states()
+    # Ids whose rows this run rewrote: the snapshot in ``known`` still shows their old
+    # file, which may be gone because another file (a.png replacing a.jpg) took over the
+    # id; such a row is current, not an orphan to report or prune.
+    rewritten: set[str] = set()
 
     todo: list[Candidate] = []
     for c in candidates:
@@ -188,6 +205,8 @@ def index_folder(
             todo.append(c)
     if on_total:
         on_total(len(todo))
+    if todo or prune:
+        augment.mark_stale(store)  # cleared by the refresh at the end: a crash keeps it
     store.begin_bulk(len(todo))
 
     def prepare(c: Candidate) -> Prepared:
@@ -214,6 +233,7 @@ def index_folder(
             for (c, digest, _), v in zip(batch, vectors, strict=True)
         )
         summary.indexed += len(batch)
+        rewritten.update(c.id for c, _, _ in batch)
         if on_progress:
             on_progress(len(batch))
         batch.clear()
@@ -229,11 +249,12 @@ def index_folder(
             prepared = _chunked_map(prepare, todo, pool, batch_size)
         for c, digest, tensor, reason in prepared:
             if reason is not None:
-                skip(str(c.path), reason)
+                skip(c.shown or str(c.path), reason)
                 if on_progress:
                     on_progress(1)
             elif tensor is None:  # same content, new path or mtime
                 store.touch(c.id, str(c.path), c.size, c.mtime_ns)
+                rewritten.add(c.id)
                 summary.unchanged += 1
                 if on_progress:
                     on_progress(1)
@@ -246,11 +267,18 @@ def index_folder(
 
     # A shard judges only its own ids: another machine may mount the folder elsewhere.
     gone = [
-        i for i, s in known.items() if (select is None or select(i)) and not Path(s.path).exists()
+        i
+        for i, s in known.items()
+        if i not in rewritten and (select is None or select(i)) and not Path(s.path).exists()
     ]
     if prune and gone:
         summary.pruned = store.delete(gone)
     else:
         summary.missing = len(gone)
     store.end_bulk()
+    # This run's own changes too, not only the mark: a shard that finished first may
+    # have cleared the mark this run set.
+    changed = summary.indexed or summary.pruned
+    if augment.enabled(store) and (changed or augment.is_stale(store)):
+        summary.augmented = augment.refresh(store)
     return summary

@@ -2,27 +2,39 @@
 
 Which model and weights an index uses is decided here, in ``choose_model``, for
 every caller: the API's searches and writes, and the CLI's ``extract`` and ``search``.
+A server serves one or more indexes (``Indexes``), one ``Service`` each.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import Settings
-from .errors import IndexNotReady, StoreError, unknown_id
+from . import augment, query
+from .config import DEFAULT_INDEX, Settings
+from .errors import (
+    IndexNotReady,
+    ModelUnavailable,
+    StoreError,
+    TextNotSupported,
+    UnknownIndex,
+    unknown_id,
+)
 from .images import load_rgb
 from .model.embedder import Embedder, load_embedder
+from .model.registry import MODELS, embeds_text
+from .query import SearchOptions
 from .store import Store, display_location, open_store
 from .store.base import check_compatible
 
 
-def build_command(settings: Settings) -> str:
-    db = display_location(settings.db)  # a PostgreSQL password never reaches a client
+def build_command(settings: Settings, location: str | None = None) -> str:
+    # A PostgreSQL password never reaches a client.
+    db = display_location(location or settings.location)
     return f"python extract_image_features.py --folder {settings.images_dir} --db {db}"
 
 
@@ -37,10 +49,22 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
 
 
 class Service:
-    def __init__(self, settings: Settings, store: Store | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        *,
+        name: str = DEFAULT_INDEX,
+        location: str | None = None,
+    ):
         self.settings = settings
+        self.name = name
+        self.location = location or settings.location
         self.store = store or open_store(
-            settings.db, ef_search=settings.ef_search, exact=settings.exact, nprobe=settings.nprobe
+            self.location,
+            ef_search=settings.ef_search,
+            exact=settings.exact,
+            nprobe=settings.nprobe,
         )
         self.embedder: Embedder | None = None
         self._load_lock = threading.Lock()
@@ -104,6 +128,8 @@ class Service:
                 if not self.store.meta():
                     writer = self.embedder or self.load_writer()
                     self.store.ensure_schema(writer.meta())
+                    if self.settings.dba:
+                        augment.set_enabled(self.store, True)
                     self.embedder = writer
         embedder = self.load_model()
         assert embedder is not None
@@ -126,7 +152,7 @@ class Service:
             state = "empty" if self.store.meta() else "missing"
             raise IndexNotReady(
                 f"the index {self.store.location} is {state}; build it with: "
-                f"{build_command(self.settings)}",
+                f"{build_command(self.settings, self.location)}",
                 code=f"index_{state}",
             )
         return self.store
@@ -137,16 +163,37 @@ class Service:
         img = load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
         return embedder.embed_tensors(embedder.preprocess(img)[None])[0]
 
-    def search_bytes(self, data: bytes, k: int) -> list[tuple[str, float]]:
-        vector = self.embed_upload(data)
-        return self.store.knn(vector, k)
+    def embed_text(self, text: str) -> np.ndarray:
+        """A text query -> one vector in the index's space. Raises TextNotSupported."""
+        text = query.check_text(text)
+        model = self.require_index().meta().get("model")
+        if not embeds_text(model):
+            choices = ", ".join(n for n, spec in MODELS.items() if spec.text)
+            raise TextNotSupported(
+                f"the index {self.name!r} holds {model} vectors, which have no text "
+                f"counterpart; text search needs an index built with --model {choices}"
+            )
+        embedder = self.ready()[0]
+        return embedder.embed_texts([text])[0]
 
-    def search_id(self, image_id: str, k: int) -> list[tuple[str, float]]:
+    def search_vector(
+        self, vector: np.ndarray, options: SearchOptions, exclude: Sequence[str] = ()
+    ) -> list[tuple[str, float]]:
+        expand = self.settings.expand if options.expand is None else options.expand
+        return query.run(self.store, vector, options.k, expand, exclude)
+
+    def search_bytes(self, data: bytes, options: SearchOptions) -> list[tuple[str, float]]:
+        return self.search_vector(self.embed_upload(data), options)
+
+    def search_text(self, text: str, options: SearchOptions) -> list[tuple[str, float]]:
+        return self.search_vector(self.embed_text(text), options)
+
+    def search_id(self, image_id: str, options: SearchOptions) -> list[tuple[str, float]]:
         _, store = self.ready()
         vector = store.vector_of(image_id)
         if vector is None:
             raise unknown_id(image_id)
-        return store.knn(vector, k, exclude=(image_id,))
+        return self.search_vector(vector, options, exclude=(image_id,))
 
     def response(self, results: list[tuple[str, float]]) -> dict[str, Any]:
         """A search's answer, as the API sends it and ``search --json`` prints it."""
@@ -171,4 +218,76 @@ class Service:
             "vectors": count,
             "index": self.store.location,
             "model_loaded": self.embedder is not None,
+            "text": embeds_text(meta.get("model")),
+            "dba": bool(meta.get("dba")),
         }
+
+    # -- writes ----------------------------------------------------------------
+
+    def after_write(self, ids: Sequence[str], near: set[str]) -> None:
+        """Keep DBA correct after an API write of ``ids``: ``near`` is the neighbourhood
+        of the vectors the write replaced or removed (``neighbourhood``)."""
+        if self.store.dba() is None:
+            return
+        vectors = self.store.vectors_of(ids)
+        affected = set(vectors) | near | augment.neighbourhood(self.store, vectors.values())
+        augment.repair(self.store, affected)
+
+    def neighbourhood(self, ids: Sequence[str]) -> set[str]:
+        """Before a write replaces or removes ``ids``: whose augmented vectors it touches."""
+        if self.store.dba() is None:
+            return set()
+        return augment.neighbourhood(self.store, self.store.vectors_of(ids).values())
+
+
+class Indexes:
+    """The indexes a server serves, by name (``IMAGEFINDER_DB``); the first is the default."""
+
+    def __init__(self, settings: Settings, services: Sequence[Service] = ()):
+        self.settings = settings
+        self._services = {s.name: s for s in services} or {
+            name: Service(settings, name=name, location=location)
+            for name, location in settings.indexes
+        }
+
+    @property
+    def default(self) -> Service:
+        return next(iter(self._services.values()))
+
+    def get(self, name: str | None = None) -> Service:
+        if not name:
+            return self.default
+        try:
+            return self._services[name]
+        except KeyError:
+            raise UnknownIndex(
+                f"no index named {name!r} on this server; choose one of: "
+                f"{', '.join(self._services)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[Service]:
+        return iter(self._services.values())
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    def load_models(self) -> list[tuple[str, Exception]]:
+        """Load every index's model now; the problems, by index name (served anyway)."""
+        problems: list[tuple[str, Exception]] = []
+        for service in self:
+            try:
+                service.load_model()
+            except (StoreError, ModelUnavailable) as e:
+                problems.append((service.name, e))
+        return problems
+
+    def health(self) -> dict[str, Any]:
+        """The default index's health at the top level (as with one index), and every
+        index's under ``indexes``."""
+        each = [{"name": s.name, **s.health()} for s in self]
+        top = {k: v for k, v in each[0].items() if k != "name"}
+        return {**top, "indexes": each}
+
+    def close(self) -> None:
+        for service in self:
+            service.close()

@@ -10,20 +10,31 @@ in the Hellinger kernel) and the mean colour of a 4x4 grid, then a fixed, seeded
 random projection to ``DIM`` dimensions, so every dimension carries signal as CNN
 features do. Same pixels, same vector; near-identical pictures land close.
 
-Subprocesses (a live server, the scripts) register it by running through this file:
+``fake-clip`` is the same kind of model with a text tower, for text search: a text naming
+colours (``"red"``, ``"dark blue"``) embeds as a flat picture of those colours would, so
+"red" finds the red pictures. It has another projection and dimension, so the two
+fakes' vectors never mix.
+
+Subprocesses (a live server, the scripts) register them by running through this file:
 ``python tests/fake_model.py -m uvicorn main:app ...`` or
 ``python tests/fake_model.py extract_image_features.py ...``.
 """
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
+from pathlib import Path
 
 import torch
 
-from imagefinder.model.registry import ModelSpec, register
+if __name__ == "__main__":
+    # Run as a script, this file's folder comes first on sys.path, not the project's: the
+    # project must win over any installed copy of the package (an editable install of
+    # another checkout), or the subprocess would test that copy's code.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from imagefinder.model.registry import Built, ModelSpec, register  # noqa: E402
 
 NAME = "fake-colour"
 DIM = 128
@@ -34,10 +45,10 @@ _RAW = _BINS**3 + 3 * _GRID * _GRID
 
 
 class ColourFeatures(torch.nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, seed: int = SEED, dim: int = DIM) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(SEED)
-        projection = torch.randn(_RAW, DIM, generator=generator) / _RAW**0.5
+        generator = torch.Generator().manual_seed(seed)
+        projection = torch.randn(_RAW, dim, generator=generator) / _RAW**0.5
         self.register_buffer("projection", projection)
         self.register_buffer("mean", torch.tensor(SPEC.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(SPEC.std).view(1, 3, 1, 1))
@@ -61,6 +72,42 @@ def build(weights: str | None) -> tuple[torch.nn.Module, str]:
 
 SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
 
+TEXT_NAME = "fake-clip"
+TEXT_DIM = 64
+COLOURS = {
+    "red": (0.85, 0.1, 0.1),
+    "green": (0.1, 0.7, 0.1),
+    "blue": (0.1, 0.1, 0.85),
+    "yellow": (0.9, 0.85, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+    "grey": (0.5, 0.5, 0.5),
+}
+
+
+def tokenize(texts) -> torch.Tensor:
+    """Each text -> the mean RGB of the colours it names (grey when none)."""
+    out = []
+    for text in texts:
+        named = [COLOURS[w] for w in text.lower().replace(",", " ").split() if w in COLOURS]
+        out.append(torch.tensor(named).mean(0) if named else torch.tensor(COLOURS["grey"]))
+    return torch.stack(out)
+
+
+def build_text(weights: str | None) -> Built:
+    module = ColourFeatures(SEED + 1, TEXT_DIM)
+
+    def encode_text(rgb: torch.Tensor) -> torch.Tensor:
+        flat = rgb.view(-1, 3, 1, 1).expand(-1, 3, 32, 32)
+        return module((flat - module.mean) / module.std)
+
+    return Built(module, f"seed-{SEED + 1}", tokenize=tokenize, encode_text=encode_text)
+
+
+TEXT_SPEC = register(
+    ModelSpec(TEXT_NAME, TEXT_DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_text, text=True)
+)
+
 
 def command(*args: str) -> list[str]:
     """The command line that runs ``args`` (a script, or ``-m module ...``) in a
@@ -70,7 +117,6 @@ def command(*args: str) -> list[str]:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sys.path.insert(0, os.getcwd())  # as `python -m` and `python script.py` from there would
     if args[:1] == ["-m"]:
         sys.argv = [args[1], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

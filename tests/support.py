@@ -83,6 +83,7 @@ class LiveServer:
         port: int | None = None,
         workers: int = 1,
         fake_model: bool = False,
+        log: Path | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -104,7 +105,10 @@ class LiveServer:
         ]
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env)
+        # The server's output goes to ``log`` when given (a test reads its log lines).
+        self._log = open(log, "ab") if log else None  # noqa: SIM115 (closed in stop)
+        out = {"stdout": self._log, "stderr": subprocess.STDOUT} if self._log else {}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, **out)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -129,6 +133,8 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._log:
+            self._log.close()
 
     def __enter__(self) -> LiveServer:
         return self

@@ -77,9 +77,20 @@ def test_search_returns_the_three_nearest_by_default(client, indexed, caltech_di
     assert all(isinstance(r["id"], str) and set(r) == {"id", "distance"} for r in results)
     # The photo itself is in the index: it comes first, at distance ~0.
     assert results[0]["id"] == query and results[0]["distance"] == pytest.approx(0, abs=1e-3)
-    distances = [r["distance"] for r in results]
-    assert distances == sorted(distances)
     assert len({r["id"] for r in results}) == 3
+
+
+def test_without_expansion_results_come_nearest_first(client, indexed, caltech_dir):
+    response = search(client, photo(caltech_dir, indexed[2]), k="6", expand="false")
+    distances = [r["distance"] for r in response.json()["results"]]
+    assert len(distances) == 6 and distances == sorted(distances)
+
+
+@STORE_UNUSED
+@pytest.mark.parametrize("expand", ["maybe", "2"])
+def test_a_bad_expand_is_422(bare_client, jpeg, expand):
+    error = assert_error(search(bare_client, jpeg, expand=expand), 422, "invalid_request")
+    assert error["message"].startswith("expand: ")
 
 
 def test_k_sets_how_many_come_back(client, caltech_dir, indexed):

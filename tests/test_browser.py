@@ -1,6 +1,6 @@
 """The search page in a real headless Chromium, against `uvicorn main:app` on 127.0.0.1.
 
-The catalogue is the Caltech photos indexed with efficientnet-lite0. Screenshots
+The catalogue is the Caltech photos indexed with efficientnet-lite2. Screenshots
 land in test-artifacts/ (git-ignored).
 """
 
@@ -259,3 +259,61 @@ def test_raw_traversal_over_http_finds_nothing(server, raw):
     conn.close()
     assert image.status == 404 and b"root:" not in body
     assert json.loads(body)["error"]["status"] == 404
+
+
+# -- several indexes, and text search ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_indexes(tmp_path_factory, model) -> Iterator[LiveServer]:
+    """A server over coloured pictures with two indexes: ``pictures`` (the image-only fake
+    model, the default) and ``words`` (fake-clip, which reads colour names)."""
+    import fake_model
+
+    from imagefinder.indexer import index_folder
+    from imagefinder.model.embedder import load_embedder
+    from imagefinder.store import open_store
+
+    root = tmp_path_factory.mktemp("two")
+    folder = root / "images"
+    folder.mkdir()
+    colours = {"red": (220, 30, 30), "blue": (30, 40, 210), "green": (30, 170, 40)}
+    for name, rgb in colours.items():
+        for shade in range(3):
+            colour = tuple(c + 8 * shade for c in rgb)
+            (folder / f"{name}{shade}.png").write_bytes(image_bytes((64, 48), colour, "PNG"))
+    for embedder, db in ((model, "pictures.db"), (load_embedder(fake_model.TEXT_NAME), "words.db")):
+        store = open_store(str(root / db))
+        index_folder(folder, store, embedder)
+        store.close()
+    env = {
+        "IMAGEFINDER_DB": f"pictures={root / 'pictures.db'},words={root / 'words.db'}",
+        "IMAGEFINDER_IMAGES_DIR": str(folder),
+    }
+    with LiveServer(env, fake_model=True) as live:
+        yield live
+
+
+def test_the_page_lets_the_user_pick_an_index_and_search_by_text(browser, two_indexes):
+    page = open_page(browser, two_indexes.url)
+    page.wait_for_function("document.querySelector('#index').options.length === 2")
+    assert page.locator("#index-field").is_visible()
+    assert page.locator("#text-form").is_hidden()  # the default index reads no text
+    assert "9 images indexed with fake-colour" in page.inner_text("#status")
+    page.select_option("#index", "words")
+    assert page.locator("#text-form").is_visible()
+    assert "with fake-clip" in page.inner_text("#status")
+    page.fill("#text", "something blue")
+    page.press("#text", "Enter")
+    ids = wait_for_cards(page, 3)
+    assert sorted(ids) == ["blue0", "blue1", "blue2"]
+    assert page.inner_text("#query-heading") == "“something blue”"
+    assert page.locator("#query-img").is_hidden()
+    screenshot(page, "text-search.png")
+    # Walking on from a result searches the chosen index, thumbnails included.
+    page.locator("#results .card").first.click()
+    wait_for_cards(page, 3)
+    asked = [u for u in page.requests if "/similar?" in u or "/thumbnail" in u]
+    assert asked and all("index=words" in u for u in asked)
+    assert page.script_errors == []
+    page.context.close()

@@ -136,7 +136,7 @@ def test_resnet50_offline_without_weights_says_how_to_get_them(tmp_path, monkeyp
         RESNET50_URL,
         "IMAGEFINDER_WEIGHTS",
         "--weights",
-        "efficientnet-lite0",
+        "efficientnet-lite2",
     ):
         assert needed in message
     assert str(tmp_path / "empty-torch-home" / "hub" / "checkpoints" / RESNET50_FILE) in message
@@ -174,7 +174,7 @@ def test_a_bad_weights_file_is_refused(tmp_path, content, message):
 
 def test_an_unknown_model_names_the_choices():
     with pytest.raises(ModelUnavailable, match="choose one of: resnet50, efficientnet-lite0"):
-        load_embedder("vgg16")
+        load_embedder("vgg19")
 
 
 # -- extraction --------------------------------------------------------------------

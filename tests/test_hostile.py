@@ -279,10 +279,9 @@ def test_an_awkward_but_valid_image_gets_a_normal_answer(api, route, case):
 
 
 def test_an_exif_rotated_copy_of_a_catalogue_photo_finds_that_photo_first(
-    caltech_index, caltech_dir, lite0
+    caltech_index, caltech_dir
 ):
     service = Service(Settings(db=str(caltech_index)))
-    service.embedder = lite0
     client = TestClient(create_app(service=service))
     original = sorted((caltech_dir / "pagoda").glob("*.jpg"))[3]
     upright = Image.open(original).convert("RGB")

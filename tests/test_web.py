@@ -330,8 +330,7 @@ def test_similar_has_the_search_shape_and_excludes_the_image_itself(caltech_clie
     # The upload of the same file finds itself first, then the same neighbours.
     assert upload["results"][0]["id"] == "pagoda/image_0004"
     assert ids == [r["id"] for r in upload["results"][1:]]
-    distances = [r["distance"] for r in body["results"]]
-    assert distances == sorted(distances)
+    # Re-ranked (αQE, DBA), so not necessarily increasing; but the same distances.
     for mine, theirs in zip(body["results"], upload["results"][1:], strict=True):
         assert mine["distance"] == pytest.approx(theirs["distance"], abs=1e-4)
 

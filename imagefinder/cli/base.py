@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..config import Settings
 from ..errors import ImageFinderError
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -45,3 +48,26 @@ db_option = click.option(
 def load_settings(**overrides: Any) -> Settings:
     """``IMAGEFINDER_*`` settings with the command's options on top."""
     return Settings.from_env(**overrides)
+
+
+def open_index(location: str, settings: Settings | None = None) -> Store:
+    """An index that exists, for commands that only read it. A mistyped ``--db`` is
+    one line of error; it never leaves an empty index file behind."""
+    from ..store import display_location, open_store
+
+    settings = settings or Settings()
+    store = open_store(
+        location,
+        ef_search=settings.ef_search,
+        exact=settings.exact,
+        nprobe=settings.nprobe,
+        create=False,
+    )
+    if not store.meta():
+        store.close()
+        shown = display_location(location)
+        raise click.ClickException(
+            f"{shown} is not an index yet; build one with: "
+            f"imagefinder extract --folder DIR --db {shown}"
+        )
+    return store

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import sys
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ..model.registry import MODELS, PRECISIONS
 from .base import command, db_option, load_settings
+from .progress import Progress
 
 if TYPE_CHECKING:
     from ..download import Outcome
@@ -92,14 +93,15 @@ def download(
         if row.problem:
             click.echo(f"skipping {csv_file}:{row.line}: {row.problem}", err=True)
     downloader = Downloader(output_dir, options)
-    with click.progressbar(length=len(rows), label="Downloading", file=sys.stderr) as bar:
+    refused = {row.line for row in rows if row.problem}
+    with Progress("Downloading", len(rows)) as progress:
 
         def done(outcome: Outcome) -> None:
-            if outcome.status == "failed" and not any(
-                r.line == outcome.line and r.problem for r in rows
-            ):
-                click.echo(f"\nskipping {outcome.id} ({outcome.url}): {outcome.reason}", err=True)
-            bar.update(1)
+            if outcome.status == "failed" and outcome.line not in refused:
+                progress.note(
+                    f"skipping {csv_file}:{outcome.line}: {outcome.reason} ({outcome.url})"
+                )
+            progress.update(1)
 
         outcomes = downloader.run(rows, on_done=done)
     manifest_path = Path(manifest or Path(output_dir) / "manifest.csv")
@@ -110,7 +112,19 @@ def download(
         f"{counts['failed']} failed; manifest: {manifest_path}"
     )
     if counts["downloaded"] + counts["skipped"] == 0:
-        raise click.ClickException("nothing usable was downloaded; see the manifest for reasons")
+        raise click.ClickException(nothing_downloaded(outcomes, manifest_path))
+
+
+def nothing_downloaded(outcomes: list[Outcome], manifest: Path) -> str:
+    """Why a run got nothing, named by the most common network cause when there is one."""
+    from ..network import ADVICE
+
+    causes = Counter(o.cause for o in outcomes if o.cause in ADVICE)
+    message = "nothing usable was downloaded"
+    if causes:
+        cause, n = causes.most_common(1)[0]
+        message += f": {n} of {len(outcomes)} rows failed because {ADVICE[cause]}"
+    return f"{message}; reasons in {manifest}. Without network, try: make demo"
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -140,8 +154,9 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 )
 @click.option(
     "--weights",
-    help="resnet50 weights: IMAGENET1K_V1 (default), IMAGENET1K_V2, "
-    "or a local .pth file. Also $IMAGEFINDER_WEIGHTS.",
+    help="The model's weights (also $IMAGEFINDER_WEIGHTS). "
+    + "; ".join(f"{spec.name}: {spec.weights_help}" for spec in MODELS.values())
+    + ".",
 )
 @click.option(
     "--precision",
@@ -160,6 +175,12 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 )
 @click.option("--prune", is_flag=True, help="Delete index rows whose files are gone.")
 @click.option("--shard", help="Index only shard i of n (by a stable hash of the id), e.g. 0/4.")
+@click.option(
+    "--dba/--no-dba",
+    default=None,
+    help="Turn database-side augmentation on or off for this index (kept in the index; "
+    "default: as it is, and $IMAGEFINDER_DBA, on, for a new index).",
+)
 def extract(
     folder: str,
     db: str | None,
@@ -170,6 +191,7 @@ def extract(
     workers: int,
     prune: bool,
     shard: str | None,
+    dba: bool | None,
 ) -> None:
     """Embed every image in a folder into the index, incrementally."""
     from ..indexer import calibration_sample, in_shard, index_folder
@@ -181,31 +203,31 @@ def extract(
     store = service.store
     # An index remembers its model and weights: extending it needs neither option.
     name, _ = service.choose_model(model, weights)
+    if dba is None and not store.meta():
+        dba = settings.dba
     click.echo(f"Loading {name} ...", err=True)
     calibration = calibration_sample(folder) if settings.precision == "int8" else ()
     embedder = service.load_writer(model, weights, calibration)
-    bar: Any = click.progressbar(length=0, label="Embedding", file=sys.stderr)
-
-    def on_total(n: int) -> None:
-        bar.length = n
-
-    summary = index_folder(
-        folder,
-        store,
-        embedder,
-        batch_size=settings.batch_size,
-        workers=workers,
-        prune=prune,
-        max_pixels=settings.max_pixels,
-        select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
-        on_total=on_total,
-        on_progress=bar.update,
-        on_skip=lambda path, reason: click.echo(f"\nskipping {path}: {reason}", err=True),
-    )
-    bar.render_finish()
+    with Progress("Embedding") as progress:
+        summary = index_folder(
+            folder,
+            store,
+            embedder,
+            batch_size=settings.batch_size,
+            workers=workers,
+            prune=prune,
+            max_pixels=settings.max_pixels,
+            select=(lambda i: in_shard(i, shard_spec)) if shard_spec else None,
+            dba=dba,
+            on_total=progress.total,
+            on_progress=progress.update,
+            on_skip=lambda path, reason: progress.note(f"skipping {path}: {reason}"),
+        )
     total = store.count()
     store.close()
     click.echo(f"{summary.line()}; index {store.location} now holds {total} images")
+    if summary.augmented:
+        click.echo(f"DBA: augmented vectors recomputed for {summary.augmented} images", err=True)
     if summary.missing:
         click.echo(
             f"{summary.missing} indexed files no longer exist; run with --prune to remove them",

@@ -3,30 +3,94 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .base import command, db_option, load_settings
+from ..model.registry import MODELS
+from .base import command, db_option, load_settings, open_index
+from .progress import Progress
 
 
 @command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", help="Search by a text instead of IMAGE (indexes of a text model).")
 @db_option
+@click.option(
+    "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
+)
+@click.option(
+    "--server",
+    metavar="URL",
+    help="Ask a running server (e.g. http://127.0.0.1:8000) instead of loading the "
+    "model here: no torch import, no weights to load.",
+)
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
 )
+@click.option(
+    "--expand/--no-expand",
+    default=None,
+    help="Query expansion, αQE (default: $IMAGEFINDER_EXPAND, on).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
-def search(image: str, db: str | None, k: int, as_json: bool) -> None:
-    """Find the indexed images nearest to IMAGE."""
-    from ..service import Service
+def search(
+    image: str | None,
+    text: str | None,
+    db: str | None,
+    index: str | None,
+    server: str | None,
+    k: int,
+    expand: bool | None,
+    as_json: bool,
+) -> None:
+    """Find the indexed images nearest to IMAGE, or best matching --text."""
+    if (image is None) == (text is None):
+        raise click.UsageError("give either an IMAGE or --text, not both or neither")
+    if server:
+        if db:
+            raise click.UsageError(
+                "--db and --server exclude each other: a server searches its own indexes"
+            )
+        from ..client import search as ask_server
 
-    service = Service(load_settings(db=db))
-    results = service.search_bytes(Path(image).read_bytes(), k)
+        body = ask_server(
+            server,
+            image=Path(image) if image is not None else None,
+            text=text,
+            k=k,
+            index=index,
+            expand=expand,
+        )
+        results = [(str(r["id"]), float(r["distance"])) for r in body["results"]]
+    else:
+        from ..query import SearchOptions
+        from ..service import Indexes, Service
+        from ..store import open_store
+
+        settings = load_settings(db=db)
+        # Only reading: a mistyped --db must not leave an empty index behind.
+        services = [
+            Service(
+                settings,
+                open_store(location, ef_search=settings.ef_search, exact=settings.exact,
+                           nprobe=settings.nprobe, create=False),
+                name=name,
+                location=location,
+            )
+            for name, location in settings.indexes
+        ]  # fmt: skip
+        service = Indexes(settings, services).get(index)
+        options = SearchOptions(k=k, expand=expand)
+        if text is not None:
+            results = service.search_text(text, options)
+        else:
+            assert image is not None
+            results = service.search_bytes(Path(image).read_bytes(), options)
+        body = service.response(results)
     if as_json:
-        click.echo(json.dumps(service.response(results), indent=2))
+        click.echo(json.dumps(body, indent=2))
     else:
         for image_id, distance in results:
             click.echo(f"{distance:.4f}  {image_id}")
@@ -37,17 +101,18 @@ def search(image: str, db: str | None, k: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(db: str | None, as_json: bool) -> None:
     """Show what an index holds: model, dimension, metric, count."""
-    from ..store import open_store
+    from ..model.registry import embeds_text
 
     settings = load_settings(db=db)
-    store = open_store(settings.db)
+    store = open_index(settings.location, settings)
     meta = store.meta()
-    if not meta:
-        raise click.ClickException(
-            f"{settings.db} is not an index yet; build one with: "
-            f"imagefinder extract --folder DIR --db {settings.db}"
-        )
-    data = {"index": store.location, "vectors": store.count(), **meta}
+    data = {
+        "index": store.location,
+        "vectors": store.count(),
+        **meta,
+        "text_search": "yes" if embeds_text(meta.get("model")) else "no",
+        "dba": meta.get("dba", "off"),
+    }
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -61,29 +126,57 @@ def info(db: str | None, as_json: bool) -> None:
     "--folder",
     required=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Folder with one sub-folder per class, already indexed.",
+    help="Folder with one sub-folder per class.",
 )
 @db_option
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(list(MODELS)),
+    help="Embed the folder with this model into a temporary index and evaluate it, "
+    "timing images/s (repeat for several). Without it: the index --db, as built.",
+)
 @click.option(
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="Cut-off for precision@k."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def evaluate(folder: str, db: str | None, k: int, as_json: bool) -> None:
-    """Leave-one-out precision@k and mAP of an index over a labelled folder."""
-    from ..evaluate import evaluate_index
-    from ..store import open_store
+def evaluate(folder: str, db: str | None, models: tuple[str, ...], k: int, as_json: bool) -> None:
+    """Leave-one-out precision@k and mAP for each model, αQE and DBA combination.
+
+    FOLDER has one sub-folder per class. Query expansion (αQE) and database-side
+    augmentation (DBA) are each tried off and on. Each image queries all the others through the same search code as the API. αQE and
+    DBA are applied in memory: the index on disk is never changed.
+    """
+    from ..evaluate import evaluate_models
 
     settings = load_settings(db=db)
-    store = open_store(
-        settings.db, ef_search=settings.ef_search, exact=settings.exact, nprobe=settings.nprobe
-    )
-    report = evaluate_index(store, folder, k)
+    if not models:
+        open_index(settings.location, settings).close()  # a mistyped --db: one line, no file
+    bars: list[Progress] = []
+
+    def on_model(name: str, total: int) -> Any:
+        for bar in bars:
+            bar.__exit__(None, None, None)
+        bar = Progress(f"Embedding with {name}", total).__enter__()
+        bars.append(bar)
+        return bar.update
+
+    try:
+        rows = evaluate_models(settings, folder, models, k, on_model=on_model)
+    finally:
+        if bars:
+            bars[-1].__exit__(None, None, None)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{rows[0]['queries']} queries over {rows[0]['classes']} classes, k = {k}")
+    click.echo(f"{'model':<20} {'images/s':>8} {'αQE':>4} {'DBA':>4} {'P@k':>7} {'mAP':>7}")
+    for r in rows:
+        speed = f"{r['images_per_s']:.1f}" if r["images_per_s"] else "-"
         click.echo(
-            f"{report['queries']} queries over {report['classes']} classes: "
-            f"precision@{k} = {report['precision_at_k']:.4f}, mAP = {report['map']:.4f}"
+            f"{r['model']:<20} {speed:>8} {'on' if r['expand'] else 'off':>4} "
+            f"{'on' if r['dba'] else 'off':>4} {r['precision_at_k']:>7.4f} {r['map']:>7.4f}"
         )
 
 
@@ -106,15 +199,10 @@ def copy(src: str, dst: str, batch_size: int) -> None:
     from ..store import open_store
     from ..store.transfer import copy_index
 
-    source, target = open_store(src), open_store(dst)
-    bar: Any
-    with click.progressbar(length=0, label="Copying", file=sys.stderr) as bar:
-
-        def on_total(n: int) -> None:
-            bar.length = n
-
+    source, target = open_index(src), open_store(dst)
+    with Progress("Copying") as progress:
         copied = copy_index(
-            source, target, batch=batch_size, on_total=on_total, on_progress=bar.update
+            source, target, batch=batch_size, on_total=progress.total, on_progress=progress.update
         )
     total = target.count()
     source.close()
@@ -131,5 +219,12 @@ def serve(db: str | None, host: str, port: int) -> None:
     import uvicorn
 
     from ..server.app import create_app
+    from ..server.logs import uvicorn_log_config
 
-    uvicorn.run(create_app(load_settings(db=db)), host=host, port=port)
+    settings = load_settings(db=db)
+    app = create_app(settings)
+    # uvicorn's lines in the configured format; its access log gives way to the request
+    # line of server/observe.py.
+    uvicorn.run(
+        app, host=host, port=port, log_config=uvicorn_log_config(settings), access_log=False
+    )

@@ -28,6 +28,18 @@ class Batcher:
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, Future]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        # Forwards by batch size, for the server's /metrics.
+        self._sizes: dict[int, int] = {}
+        self._sizes_lock = threading.Lock()
+
+    def queue_depth(self) -> int:
+        """Calls waiting for the model (not counting the forward running now)."""
+        return self._queue.qsize()
+
+    def batch_sizes(self) -> dict[int, int]:
+        """How many forwards ran at each batch size (images), since the start."""
+        with self._sizes_lock:
+            return dict(self._sizes)
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         self._ensure_thread()
@@ -53,6 +65,8 @@ class Batcher:
                     break
                 jobs.append(job)
                 size += len(job[0])
+            with self._sizes_lock:
+                self._sizes[size] = self._sizes.get(size, 0) + 1
             try:
                 merged = jobs[0][0] if len(jobs) == 1 else torch.cat([b for b, _ in jobs])
                 out = self.forward(merged)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError, ImageError, TextNotSupported
 from ..images import load_rgb
 from .batcher import Batcher
-from .registry import PRECISIONS, ModelSpec, spec_for
+from .registry import PRECISIONS, Built, ModelSpec, spec_for
 
 # Calibration images are decoded under this cap: they come from the user's own folder.
 CALIBRATION_MAX_PIXELS = 100_000_000
@@ -33,10 +34,15 @@ class Embedder:
         weights_id: str,
         precision: str,
         weights_path: str | None = None,
+        built: Built | None = None,
     ):
         _check_precision(precision)
         self.spec = spec
         self.weights_id = weights_id
+        # The model's own image transform (open_clip) replaces the resize/crop/normalise.
+        self._own_preprocess = built.preprocess if built else None
+        self._tokenize = built.tokenize if built else None
+        self._encode_text = built.encode_text if built else None
         self.weights_path = weights_path
         self.precision = precision
         # The OpenVINO model for bf16-ov/int8 (set by load_embedder).
@@ -47,14 +53,24 @@ class Embedder:
         # One forward at a time, all on one thread: torch already spreads a batch over
         # every core, and concurrent forwards only fight over them (see batcher.py).
         self._batcher = Batcher(self._forward)
+        self._text_batcher = Batcher(self._text_forward) if self._encode_text else None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def batcher(self) -> Batcher:
+        """Where every forward runs (its queue depth and batch sizes feed /metrics)."""
+        return self._batcher
+
+    @property
     def dim(self) -> int:
         return self.spec.dim
+
+    @property
+    def embeds_text(self) -> bool:
+        return self._text_batcher is not None
 
     @property
     def min_side(self) -> int:
@@ -75,6 +91,9 @@ class Embedder:
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalised (3, S, S) float tensor. Thread-safe."""
+        if self._own_preprocess is not None:
+            tensor: torch.Tensor = self._own_preprocess(img)
+            return tensor
         size = self.spec.input_size
         w, h = img.size
         scale = size / min(w, h)
@@ -105,6 +124,21 @@ class Embedder:
         out = torch.nn.functional.normalize(out, dim=1)
         return out.numpy().astype(np.float32, copy=False)
 
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, dim) unit float32 vectors in the images' space. Thread-safe."""
+        if self._text_batcher is None or self._tokenize is None:
+            raise TextNotSupported(
+                f"{self.name} embeds images only; text search needs a model with a text "
+                f"tower, such as --model clip-vit-b-32"
+            )
+        return self._text_batcher(self._tokenize(list(texts)))
+
+    def _text_forward(self, tokens: Any) -> np.ndarray:
+        assert self._encode_text is not None
+        with torch.inference_mode():
+            out = self._encode_text(tokens).float()
+        return torch.nn.functional.normalize(out, dim=1).numpy().astype(np.float32, copy=False)
+
     def embed_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -126,11 +160,12 @@ def load_embedder(
     spec = spec_for(name)
     if threads:
         torch.set_num_threads(threads)
-    module, weights_id = spec.build(weights)
+    built = spec.build(weights)
+    module = built.module
     path = (
         str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
     )
-    embedder = Embedder(spec, module, weights_id, precision, path)
+    embedder = Embedder(spec, module, built.weights_id, precision, path, built)
     if precision in ("bf16-ov", "int8"):
         from . import ovmodel
 
@@ -145,7 +180,7 @@ def load_embedder(
             return out
 
         embedder.accelerated = ovmodel.load(
-            module, spec.name, weights_id, precision, spec.input_size, threads, samples
+            module, spec.name, built.weights_id, precision, spec.input_size, threads, samples
         )
     return embedder
 

@@ -1,14 +1,15 @@
 """The models ImageFinder knows, by name. Importing this module loads no torch, so the
 CLI can list choices and an index's meta can be checked before a model is loaded.
 
-``--model``, ``IMAGEFINDER_MODEL``, the index meta and ``info`` all name models by
-the keys of ``MODELS``. Tests register a fake model of their own with ``register``.
+``--model``, ``IMAGEFINDER_MODEL``, the index meta, ``info`` and ``/health`` all name
+models by the keys of ``MODELS``. Tests register fake models of their own with
+``register``.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +20,29 @@ from ..errors import ModelUnavailable
 PRECISIONS = ("fp32", "bf16", "bf16-ov", "int8")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The statistics OpenAI's CLIP was trained with; open_clip's ViT configs use them too.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# weights argument (a name, a file path, or None for the default) -> (torch module that
-# maps a (N, 3, S, S) batch to (N, dim) features, the weights' identity for the meta).
-Builder = Callable[[str | None], tuple[Any, str]]
+
+@dataclass
+class Built:
+    """What a builder returns: the image tower, the weights' identity, and where the model
+    needs them, its own image preprocessing and its text tower."""
+
+    # maps a (N, 3, S, S) preprocessed batch to (N, dim) features
+    module: Any
+    weights_id: str
+    # RGB PIL image -> (3, S, S) float tensor; None: the spec's resize/crop/normalise
+    preprocess: Callable[[Any], Any] | None = None
+    # texts -> (N, L) token tensor, and tokens -> (N, dim) features (models with text)
+    tokenize: Callable[[Sequence[str]], Any] | None = None
+    encode_text: Callable[[Any], Any] | None = None
+
+
+# weights argument (a name, a file path, or None for the default) -> Built, or the older
+# (module, weights_id) pair.
+Builder = Callable[[str | None], "Built | tuple[Any, str]"]
 
 
 @dataclass(frozen=True)
@@ -34,20 +54,32 @@ class ModelSpec:
     std: tuple[float, float, float]
     # "module:function" (imported only when the model is loaded), or the function itself.
     builder: str | Builder
+    # The model embeds text into the same space as images (text search).
+    text: bool = False
+    # How the model's own preprocessing works, when the builder supplies one (recorded in
+    # the index meta: vectors made with another preprocessing never mix).
+    own_preprocessing: str | None = None
+    # What --weights takes, for help texts and errors.
+    weights_help: str = "a local weights file"
 
     @property
     def preprocessing(self) -> str:
+        if self.own_preprocessing:
+            return self.own_preprocessing
         return (
             f"resize-short-side {self.input_size} bilinear, center-crop "
             f"{self.input_size}, mean {list(self.mean)}, std {list(self.std)}"
         )
 
-    def build(self, weights: str | None) -> tuple[Any, str]:
+    def build(self, weights: str | None) -> Built:
         builder = self.builder
         if isinstance(builder, str):
             module, _, name = builder.partition(":")
             builder = getattr(importlib.import_module(module), name)
-        return builder(weights)
+        built = builder(weights)
+        if isinstance(built, tuple):
+            return Built(*built)
+        return built
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -66,6 +98,7 @@ register(
         IMAGENET_MEAN,
         IMAGENET_STD,
         "imagefinder.model.cnn:build_resnet50",
+        weights_help="IMAGENET1K_V1 (default), IMAGENET1K_V2, or a local .pth state dict",
     )
 )
 register(
@@ -76,6 +109,48 @@ register(
         IMAGENET_MEAN,
         IMAGENET_STD,
         "imagefinder.model.cnn:build_efficientnet_lite0",
+        weights_help="bundled (default) or a local .pth state dict",
+    )
+)
+register(
+    ModelSpec(
+        "efficientnet-lite2",
+        1280,
+        260,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "imagefinder.model.cnn:build_efficientnet_lite2",
+        weights_help="bundled (default) or a local .pth state dict",
+    )
+)
+# fc7: the 4096-d output of the second fully connected layer, after its ReLU (see
+# cnn.build_vgg16 for why this layer rather than pooled conv5 features).
+register(
+    ModelSpec(
+        "vgg16",
+        4096,
+        224,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        "imagefinder.model.cnn:build_vgg16",
+        weights_help="IMAGENET1K_V1 (default) or a local .pth state dict",
+    )
+)
+register(
+    ModelSpec(
+        "clip-vit-b-32",
+        512,
+        224,
+        CLIP_MEAN,
+        CLIP_STD,
+        "imagefinder.model.clip:build_vit_b_32",
+        text=True,
+        own_preprocessing=(
+            f"open_clip ViT-B-32: resize-short-side 224 bicubic, center-crop 224, "
+            f"mean {list(CLIP_MEAN)}, std {list(CLIP_STD)}"
+        ),
+        weights_help="an open_clip pretrained tag (default laion2b_s34b_b79k; also openai, "
+        "...) or a local open_clip checkpoint (.pt, .bin, .safetensors)",
     )
 )
 
@@ -87,3 +162,9 @@ def spec_for(name: str) -> ModelSpec:
         raise ModelUnavailable(
             f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
         ) from None
+
+
+def embeds_text(name: str | None) -> bool:
+    """Whether the model called ``name`` (an index's meta) can embed text queries."""
+    spec = MODELS.get(name or "")
+    return bool(spec and spec.text)

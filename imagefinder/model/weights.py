@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import network
 from ..errors import ModelUnavailable
 from ..files import sha256_file
 
@@ -38,10 +39,12 @@ def torchvision_state_dict(enum: Any, model: str) -> dict[str, Any]:
     try:
         return enum.get_state_dict(progress=True, check_hash=True)
     except Exception as e:
+        why = network.explain(e, enum.url).message if isinstance(e, OSError) else repr(e)
         raise ModelUnavailable(
             f"{model} {enum.name} weights are not cached and could not be downloaded "
-            f"({type(e).__name__}: {e}). On a machine with network, download {enum.url} "
+            f"({why}). On a machine with network, download {enum.url} "
             f"and either copy it to {cached} or pass --weights PATH "
             f"(or set IMAGEFINDER_WEIGHTS=PATH). To work fully offline, use "
-            f"--model efficientnet-lite0, whose weights ship with a pip package."
+            f"--model efficientnet-lite2, whose weights ship with a pip package; "
+            f"`make demo` indexes the sample photos with it."
         ) from e

@@ -21,9 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
-from ..errors import ImageFinderError, ModelUnavailable, StoreError
-from ..service import Service
-from . import browse, search, writes
+from ..errors import ImageFinderError
+from ..service import Indexes, Service
+from . import browse, observe, search, writes
 from .deps import error_response
 
 log = logging.getLogger("imagefinder")
@@ -38,19 +38,23 @@ STATUS = {
     "invalid_catalog": 400,
     "unauthorized": 401,
     "writes_disabled": 403,
+    "metrics_disabled": 403,
     "unknown_id": 404,
     "file_missing": 404,
     "not_found": 404,
+    "unknown_index": 404,
     "method_not_allowed": 405,
     "too_large": 413,
     "too_many_pixels": 413,
     "invalid_request": 422,
     "invalid_id": 422,
+    "text_not_supported": 422,
     "index_missing": 503,
     "index_empty": 503,
     "index_unusable": 503,
     "model_unavailable": 503,
     "invalid_setting": 503,
+    "remote_error": 502,  # raised by the CLI's HTTP client, never by a route
 }
 
 
@@ -117,20 +121,19 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or Service(settings)
-        app.state.service = svc
-        # Load the model once, now, if the index says which one; otherwise on the
-        # first search after an index appears.
-        try:
-            await run_in_threadpool(svc.load_model)
-        except (StoreError, ModelUnavailable) as e:
-            # A database server still starting, or a weights file gone: serve anyway,
-            # loudly; searches answer 503 with this message until it is fixed.
-            log.error("cannot serve searches yet: %s", e)
+        indexes = Indexes(settings, [service] if service else ())
+        app.state.indexes = indexes
+        app.state.service = indexes.default
+        # Load each model once, now, if its index says which one; otherwise on the
+        # first search after an index appears. A database server still starting, or a
+        # weights file gone: serve anyway, loudly; that index's searches answer 503 with
+        # the message until it is fixed.
+        for name, problem in await run_in_threadpool(indexes.load_models):
+            log.error("cannot serve searches from index %r yet: %s", name, problem)
         try:
             yield
         finally:
-            svc.close()
+            indexes.close()
 
     app = FastAPI(
         title="ImageFinder",
@@ -139,6 +142,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         lifespan=lifespan,
     )
     if service is not None:
+        app.state.indexes = Indexes(settings, [service])
         app.state.service = service
 
     @app.exception_handler(ImageFinderError)
@@ -175,4 +179,6 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + BODY_SLACK)
+    # Request ids, one log line per request, /metrics (observe.py, logs.py, metrics.py).
+    observe.install(app, settings)
     return app

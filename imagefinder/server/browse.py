@@ -24,8 +24,8 @@ from ..images import FORMATS, sniff
 from ..service import Service, build_command
 from ..store import FileState
 from . import thumbs
-from .deps import ServiceDep
-from .schemas import ID_ERRORS, NOT_MODIFIED, SearchResponse
+from .deps import IndexesDep
+from .schemas import ID_ERRORS, NOT_MODIFIED, SearchParams, SearchResponse
 
 STATIC = Path(str(files("imagefinder.server") / "static"))
 
@@ -33,6 +33,12 @@ STATIC = Path(str(files("imagefinder.server") / "static"))
 CACHE_CONTROL = "no-cache"
 
 router = APIRouter(tags=["browse"])
+
+# The index whose catalogue an image route reads (the page passes the one it searches).
+IndexParam = Annotated[
+    str | None,
+    Query(max_length=64, description="Which index (a name from /health); default: the first"),
+]
 
 
 def check_id(image_id: str) -> None:
@@ -58,7 +64,7 @@ def catalogue_file(service: Service, image_id: str) -> tuple[FileState, thumbs.V
 def gone(service: Service, image_id: str) -> NotFound:
     return NotFound(
         f"the file of image {image_id!r} is missing or unreadable; refresh the index with: "
-        f"{build_command(service.settings)} --prune",
+        f"{build_command(service.settings, service.location)} --prune",
         code="file_missing",
     )
 
@@ -93,7 +99,10 @@ def image_content(media_types: Iterable[str]) -> dict[str, Any]:
     },
     summary="A small JPEG of a catalogue image, made once and cached",
 )
-async def get_thumbnail(service: ServiceDep, image_id: str, request: Request) -> Response:
+async def get_thumbnail(
+    indexes: IndexesDep, image_id: str, request: Request, index: IndexParam = None
+) -> Response:
+    service = indexes.get(index)
     state, version = await run_in_threadpool(catalogue_file, service, image_id)
     etag = f'"{version.tag}"'
     cached = not_modified(request, etag)
@@ -116,12 +125,11 @@ async def get_thumbnail(service: ServiceDep, image_id: str, request: Request) ->
     summary="The k catalogue images nearest to one already in the index (itself excluded)",
 )
 async def get_similar(
-    service: ServiceDep,
-    image_id: str,
-    k: Annotated[int, Query(ge=1, le=100, description="How many neighbours")] = 3,
+    indexes: IndexesDep, image_id: str, params: Annotated[SearchParams, Query()]
 ) -> dict[str, Any]:
+    service = indexes.get(params.index)
     check_id(image_id)
-    results = await run_in_threadpool(service.search_id, image_id, k)
+    results = await run_in_threadpool(service.search_id, image_id, params.options())
     return service.response(results)
 
 
@@ -138,7 +146,10 @@ async def get_similar(
     },
     summary="A catalogue image",
 )
-async def get_image(service: ServiceDep, image_id: str, request: Request) -> Response:
+async def get_image(
+    indexes: IndexesDep, image_id: str, request: Request, index: IndexParam = None
+) -> Response:
+    service = indexes.get(index)
     state, version = await run_in_threadpool(catalogue_file, service, image_id)
     etag = f'"{version.tag}-original"'
     cached = not_modified(request, etag)
@@ -159,7 +170,8 @@ async def get_image(service: ServiceDep, image_id: str, request: Request) -> Res
     responses={200: {"description": "The search page", "content": {"text/html": {}}}},
     summary="The search page: drop an image, browse its nearest neighbours",
 )
-async def index_page(service: ServiceDep) -> str:
+async def index_page(indexes: IndexesDep) -> str:
+    service = indexes.default
     # The page learns the upload cap so it can refuse a huge file before sending it: a
     # 413 sent while the browser is still uploading can reach it as a reset connection.
     # It also learns the command that builds the index, for when there is none.

@@ -9,14 +9,20 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from ..errors import EmptyUpload, TooLarge
-from ..service import Service
+from ..service import Indexes, Service
+
+
+def get_indexes(request: Request) -> Indexes:
+    indexes: Indexes = request.app.state.indexes
+    return indexes
 
 
 def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
+    """The default index's service (routes that take no ``index``)."""
+    return get_indexes(request).default
 
 
+IndexesDep = Annotated[Indexes, Depends(get_indexes)]
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 

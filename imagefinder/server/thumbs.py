@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from ..config import Settings
+from ..files import new_temp
 from ..images import load_rgb
 from ..store import FileState, Store
 
@@ -69,7 +69,7 @@ def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int
     img.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename: concurrent requests for one image never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".jpg")
+    fd, tmp = new_temp(cache, ".tmp-", ".jpg")
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, "JPEG", quality=QUALITY, optimize=True)

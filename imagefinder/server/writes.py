@@ -9,6 +9,10 @@ folder (``IMAGEFINDER_IMAGES_DIR``) as ``<id>.<ext>`` through a temporary file a
 a rename, then upserted into the index. A crash at any point leaves either the
 old image or the new one, never half a file; a file saved but not yet indexed is
 picked up by the next ``extract`` over that folder.
+
+A server with several indexes serves one catalogue folder: a write goes to every index,
+each embedding the image with its own model (all of them first, so a model that cannot
+load stops the write before anything is saved).
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
 from ..files import save_bytes, sha256_file
 from ..images import probe, sniff
-from ..service import Service
+from ..service import Indexes
 from ..store import Item
-from .deps import ServiceDep, read_upload
+from .deps import IndexesDep, read_upload
 from .schemas import AUTH_ERRORS, ImageDeleted, ImageWritten, errors
 
 # Placing a file and upserting its row happen under one lock, so two uploads of one
@@ -79,38 +83,55 @@ router = APIRouter(
 )
 
 
-def add_image(service: Service, image_id: str, data: bytes) -> ImageWritten:
-    """Embed ``data`` and add it as ``image_id``, replacing any image with that id."""
+def add_image(indexes: Indexes, image_id: str, data: bytes) -> ImageWritten:
+    """Embed ``data`` and add it as ``image_id`` to every index, replacing any image with
+    that id."""
     problem = id_problem(image_id)
     if problem:
         raise InvalidRequest(problem, code="invalid_id")
-    # The first write creates the index, so decode fully first: a broken file must not
+    settings = indexes.settings
+    # The first write creates an index, so decode fully first: a broken file must not
     # leave an empty index behind. Later writes decode once, while embedding.
-    fmt = sniff(data) if service.store.meta() else probe(data, service.settings.max_pixels)
-    embedder = service.ensure_index()
-    vector = service.embed_upload(data, embedder)  # decodes fully: a bad file stops here
-    folder = Path(service.settings.images_dir)
+    exist = all(service.store.meta() for service in indexes)
+    fmt = sniff(data) if exist else probe(data, settings.max_pixels)
+    vectors = []
+    for service in indexes:
+        embedder = service.ensure_index()
+        vectors.append((service, service.embed_upload(data, embedder)))  # a bad file stops here
+    folder = Path(settings.images_dir)
     with _write_lock:
-        replaced = service.store.path_of(image_id) is not None
+        replaced = any(service.store.path_of(image_id) is not None for service in indexes)
+        near = {service.name: service.neighbourhood([image_id]) for service in indexes}
         path = save_bytes(folder, image_id, fmt, data).resolve()
         st = path.stat()
-        item = Item(image_id, str(path), sha256_file(path), st.st_size, st.st_mtime_ns, vector)
-        service.store.upsert([item])
+        digest = sha256_file(path)
+        for service, vector in vectors:
+            item = Item(image_id, str(path), digest, st.st_size, st.st_mtime_ns, vector)
+            service.store.upsert([item])
+            service.after_write([image_id], near[service.name])
     return ImageWritten(id=image_id, replaced=replaced, format=fmt, bytes=len(data))
 
 
-def remove_image(service: Service, image_id: str) -> ImageDeleted:
-    """Drop ``image_id`` from the index, and its file if it lives in the catalogue folder.
+def remove_image(indexes: Indexes, image_id: str) -> ImageDeleted:
+    """Drop ``image_id`` from every index, and its file if it lives in the catalogue folder.
 
     Files elsewhere (a folder indexed in place) belong to the user and are left alone.
     """
     with _write_lock:
-        path = service.store.path_of(image_id) if service.store.meta() else None
-        if path is None:
+        paths = {
+            service.name: service.store.path_of(image_id) if service.store.meta() else None
+            for service in indexes
+        }
+        found = [p for p in paths.values() if p is not None]
+        if not found:
             raise unknown_id(image_id)
-        service.store.delete([image_id])
-        file = Path(path)
-        owned = file.resolve().is_relative_to(Path(service.settings.images_dir).resolve())
+        for service in indexes:
+            if paths[service.name] is not None:
+                near = service.neighbourhood([image_id])
+                service.store.delete([image_id])
+                service.after_write([], near)
+        file = Path(found[0])
+        owned = file.resolve().is_relative_to(Path(indexes.settings.images_dir).resolve())
         removed = owned and file.is_file()
         if removed:
             file.unlink()
@@ -125,14 +146,14 @@ def remove_image(service: Service, image_id: str) -> ImageDeleted:
     summary="Add an image to the index, or replace the one with the same id",
 )
 async def post_image(
-    service: ServiceDep,
+    indexes: IndexesDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
     image_id: Annotated[
         str, Form(alias="id", description="Letters, digits, '_', '-', '.'; at most 128")
     ],
 ) -> ImageWritten:
-    data = await read_upload(file, service)
-    return await run_in_threadpool(add_image, service, image_id, data)
+    data = await read_upload(file, indexes.default)
+    return await run_in_threadpool(add_image, indexes, image_id, data)
 
 
 @router.delete(
@@ -141,5 +162,5 @@ async def post_image(
     responses={**AUTH_ERRORS, **errors(_404="Unknown id")},
     summary="Remove an image from the index",
 )
-async def delete_image(service: ServiceDep, image_id: str) -> ImageDeleted:
-    return await run_in_threadpool(remove_image, service, image_id)
+async def delete_image(indexes: IndexesDep, image_id: str) -> ImageDeleted:
+    return await run_in_threadpool(remove_image, indexes, image_id)

@@ -16,13 +16,15 @@ def open_store(
     ef_search: int | None = None,
     exact: bool = False,
     nprobe: int | None = None,
+    create: bool = True,
 ) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
     anything else is the path of a SQLite file (exact below ``ivf.MIN_ROWS`` vectors,
     then the ``ef_search`` nearest int8 codes of the ``nprobe`` nearest inverted lists,
     re-ranked exactly, unless ``exact``). None means each store's own default; ``nprobe``
-    applies to SQLite only."""
+    applies to SQLite only. ``create=False`` (commands that only read) never creates a
+    SQLite file that is not there."""
     if is_postgres(location):
         try:
             from .postgres import DEFAULT_EF_SEARCH, PGStore
@@ -35,4 +37,4 @@ def open_store(
     tuning = {
         name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value
     }
-    return SQLiteStore(location, exact=exact, **tuning)
+    return SQLiteStore(location, exact=exact, create=create, **tuning)

@@ -23,6 +23,9 @@ import numpy as np
 from ..errors import IndexMismatch, StoreError
 
 METRIC = "l2"
+# The meta key that turns database-side augmentation on, with its parameters
+# (``n=2,alpha=3``); see augment.py.
+DBA_KEY = "dba"
 # Keys that must match for vectors to be comparable.
 IDENTITY_KEYS = ("model", "weights", "dim", "preprocessing")
 
@@ -126,6 +129,26 @@ class Store(ABC):
     @abstractmethod
     def delete(self, ids: Iterable[str]) -> int: ...
 
+    @abstractmethod
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (or with None, remove) one meta key that is not part of the identity."""
+
+    # Database-side augmentation (augment.py): while the meta has ``dba``, each image also
+    # has an augmented vector, kept beside its raw one by every write (a new or replaced
+    # image starts with its raw vector). Searches re-rank candidates by them (query.py).
+
+    @abstractmethod
+    def set_dba(self, spec: str | None) -> None:
+        """Turn DBA on (``spec`` as ``n=2,alpha=3``; every augmented vector starts as a
+        copy of the raw one) or off (None), meta and vectors in one transaction."""
+
+    @abstractmethod
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        """Replace the augmented vectors of these ids (ids gone meanwhile are skipped)."""
+
+    @abstractmethod
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
     def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
         """``expected`` rows are about to be written: a store may drop its ANN index."""
 
@@ -146,6 +169,15 @@ class Store(ABC):
         """Yield lists of (id, path, vector)."""
         for items in self._item_pages(batch):
             yield [(it.id, it.path, it.vector) for it in items]
+
+    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The raw vectors of those ``ids`` that exist."""
+        found = {i: self.vector_of(i) for i in dict.fromkeys(ids)}
+        return {i: v for i, v in found.items() if v is not None}
+
+    def dba(self) -> str | None:
+        """The index's DBA setting (``n=2,alpha=3``), or None when it has none."""
+        return self.meta().get(DBA_KEY)
 
     def knn(
         self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()

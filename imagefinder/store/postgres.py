@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,7 +28,8 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
-from .base import FileState, Item, Store, display_location, keyset_pages, new_meta
+from . import pgdba
+from .base import DBA_KEY, FileState, Item, Store, display_location, keyset_pages, new_meta
 from .pgvector import register_vector
 
 IMAGES = "imagefinder_images"
@@ -47,6 +48,10 @@ MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
+TABLE_EXISTS = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE c.relname = %s AND n.nspname = ANY (current_schemas(false)))"
+)
 
 
 def _scalar(conn: psycopg.Connection, sql: Any, params: Any = None) -> Any:
@@ -147,7 +152,11 @@ class PGStore(Store):
     # -- schema and meta -------------------------------------------------
 
     def _read_meta(self, conn: psycopg.Connection) -> dict[str, str]:
-        if _scalar(conn, "SELECT to_regclass(%s)", (META,)) is None:
+        # pg_class read as a table, not through to_regclass: to_regclass takes no lock, so
+        # it may answer from a stale cache entry saying "no such table" after another
+        # process created the index while this one waited for SCHEMA_LOCK (two shards
+        # starting at once then both created it: duplicate key in imagefinder_meta).
+        if not _scalar(conn, TABLE_EXISTS, (META,)):
             return {}
         return dict(conn.execute(f"SELECT key, value FROM {META}").fetchall())
 
@@ -382,6 +391,48 @@ class PGStore(Store):
             if deleted:
                 conn.execute(f"UPDATE {STATS} SET rows = rows - %s", (deleted,))
         return deleted
+
+    # -- meta and DBA (see pgdba.py) ----------------------------------------
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self._tx() as conn:
+            self._set_meta(conn, key, value)
+
+    def _set_meta(self, conn: psycopg.Connection, key: str, value: str | None) -> None:
+        if value is None:
+            conn.execute(f"DELETE FROM {META} WHERE key = %s", (key,))
+        else:
+            conn.execute(
+                f"INSERT INTO {META} VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (key, value),
+            )
+        # Other processes keep the meta they read (it names the vectors, which never
+        # change): a server sees another process switch DBA on when it restarts.
+        self._meta = self._read_meta(conn)
+
+    def set_dba(self, spec: str | None) -> None:
+        dim = self._dim()
+        with self._tx() as conn:
+            conn.execute(SCHEMA_LOCK)
+            pgdba.drop(conn)
+            if spec is not None:
+                pgdba.create(conn, dim)
+            self._set_meta(conn, DBA_KEY, spec)
+
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        with self._tx() as conn:
+            return pgdba.write(conn, rows) if pgdba.exists(conn) else 0
+
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        with self._tx() as conn:
+            return pgdba.vectors(conn, pgdba.TABLE, ids) if pgdba.exists(conn) else {}
+
+    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        if not self.meta():
+            return {}
+        with self._tx() as conn:
+            return pgdba.vectors(conn, IMAGES, ids)
 
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least

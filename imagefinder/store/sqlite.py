@@ -1,12 +1,13 @@
 """The SQLite index: one ``connect()``, a versioned schema, and KNN in SQL.
 
-Layout (schema version 1):
+Layout (schema version 2):
 
 - ``meta(key, value)``: schema version, model, weights, dim, metric, preprocessing.
 - ``images``: one row per id with its file path, content hash, size, mtime and a
   float32 copy of the vector (cheap exact re-ranking without vec0 point lookups).
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
+- ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
 - ``vec_ivf`` + ``ivf_centroids`` + ``ivf_state``: from ``ivf.MIN_ROWS`` vectors on,
   an inverted-file index: k-means lists, an int8 code per vector, the nearest lists'
   nearest codes re-ranked exactly (see ``ivf.py``).
@@ -24,15 +25,15 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
-from . import ivf
-from .base import FileState, Item, Store, keyset_pages, new_meta
+from ..errors import IndexNotReady, StoreError
+from . import dba, ivf
+from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
 
 # For up to 10 results: the nearest int8 codes re-ranked exactly
 # (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
@@ -120,8 +121,12 @@ class SQLiteStore(Store):
         exact: bool = False,
         fast_min_rows: int = ivf.MIN_ROWS,
         nprobe: int = DEFAULT_NPROBE,
+        create: bool = True,
     ):
         self.path = Path(path)
+        # False for commands that only read: a mistyped path must not leave an empty
+        # index file (and its folder) behind.
+        self.create = create
         # Search: ``ef_search`` candidates from the ``nprobe`` nearest lists are
         # re-ranked exactly; ``exact`` always scans every float vector. Writes: the
         # inverted file exists while the index holds at least ``fast_min_rows`` vectors.
@@ -146,6 +151,9 @@ class SQLiteStore(Store):
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            self._check_path()
+            if not self.create and not self.path.exists():
+                raise IndexNotReady(f"there is no index at {self.path}")
             if not self.path.parent.exists():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
@@ -164,7 +172,15 @@ class SQLiteStore(Store):
 
     # -- schema and meta -------------------------------------------------
 
+    def _check_path(self) -> None:
+        if self.path.is_dir():
+            raise StoreError(
+                f"{self.path} is a folder, not an index file; "
+                f"name the file, for example {self.path / 'imagefinder.db'}"
+            )
+
     def meta(self) -> dict[str, str]:
+        self._check_path()
         if not self.path.is_file():
             return {}
         meta = self._read_meta()
@@ -295,6 +311,34 @@ class SQLiteStore(Store):
             (_blob(vector), fetch),
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
+
+    def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
+
+    def set_dba(self, spec: str | None) -> None:
+        with self.transaction() as conn:
+            meta = self._read_meta(conn)
+            if not meta:
+                raise StoreError(f"{self.path} is not an index yet")
+            dba.drop(conn)
+            if spec is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (DBA_KEY,))
+            else:
+                dba.create(conn, int(meta["dim"]))
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (DBA_KEY, spec))
+
+    def write_augmented(self, rows: Iterable[tuple[str, np.ndarray]]) -> int:
+        with self.transaction() as conn:
+            if not dba.exists(conn):
+                return 0
+            return dba.write(conn, ((i, _blob(v)) for i, v in rows))
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as conn:
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def search_mode(self) -> str:
         """How ``knn`` searches now: ``exact`` or ``ivf+rerank`` (large indexes)."""

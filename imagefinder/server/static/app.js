@@ -1,4 +1,5 @@
-// ImageFinder's search page: upload or pick a catalogue image, show its nearest neighbours.
+// ImageFinder's search page: upload or pick a catalogue image, or describe one in words
+// (indexes whose model embeds text), and show its nearest neighbours.
 // Plain JS, no build step, no network beyond this server.
 "use strict";
 
@@ -8,6 +9,10 @@ const el = {
   drop: $("#drop"),
   file: $("#file"),
   k: $("#k"),
+  indexField: $("#index-field"),
+  index: $("#index"),
+  textForm: $("#text-form"),
+  text: $("#text"),
   error: $("#error"),
   query: $("#query"),
   queryImg: $("#query-img"),
@@ -25,11 +30,17 @@ const K_MAX = 100;
 const pageSetting = (name) => document.querySelector(`meta[name="imagefinder-${name}"]`)?.content || "";
 const MAX_UPLOAD = Number(pageSetting("max-upload-bytes")) || 0;
 const BUILD_COMMAND = pageSetting("build-command");
-let current = null; // {kind: "file", file, url} | {kind: "id", id}
+let current = null; // {kind: "file", file, url} | {kind: "id", id} | {kind: "text", text}
 let lastUpload = null; // what Back returns to once the walk's history runs out
 let latest = 0; // only the newest search may paint: clicks can outrun answers
 let catalogueSize = null;
 let searchedK = null; // typing "5" then leaving the field should search once, not twice
+let indexes = []; // from /health: [{name, model, vectors, text, ...}], the default first
+
+// The chosen index's name, or "" for the default (the server's first).
+const chosenIndex = () => (el.index.value && indexes.length > 1 && el.index.value !== indexes[0].name ? el.index.value : "");
+const indexQuery = () => (chosenIndex() ? "index=" + encodeURIComponent(chosenIndex()) : "");
+const withIndex = (url) => (indexQuery() ? url + (url.includes("?") ? "&" : "?") + indexQuery() : url);
 
 // The whole id as one path segment: "/" travels as %2F, which the server decodes.
 const imageUrl = (id) => "/images/" + encodeURIComponent(id);
@@ -76,7 +87,13 @@ function explain(status, body) {
     case "file_missing":
       return { text: "That image is no longer in the catalogue. Pick another one, or upload an image." };
     case "invalid_request":
-      return { text: `The number of results must be between ${K_MIN} and ${K_MAX}.` };
+      return { text: current && current.kind === "text" && message
+        ? `That text cannot be searched: ${message}`
+        : `The number of results must be between ${K_MIN} and ${K_MAX}.` };
+    case "text_not_supported":
+      return { text: "This index only understands pictures, not words. Pick an index whose model reads text, or search with an image." };
+    case "unknown_index":
+      return { text: "That index is not on this server any more. Reload the page to see the ones it has." };
     default:
       return { text: message ? `Search failed: ${message}` : `Search failed (the server answered ${status}).` };
   }
@@ -105,17 +122,23 @@ function clearError() {
 // -- searching -----------------------------------------------------------------------
 
 function showQuery(query) {
-  if (query.kind === "file") {
+  el.queryImg.hidden = query.kind === "text";
+  el.queryHeading.classList.toggle("query-quote", query.kind === "text");
+  if (query.kind === "text") {
+    el.queryImg.removeAttribute("src");
+    el.queryHeading.textContent = `“${query.text}”`;
+    el.queryNote.textContent = "A description in words";
+  } else if (query.kind === "file") {
     el.queryImg.src = query.url;
     el.queryImg.alt = `Your image${query.file.name ? ": " + query.file.name : ""}`;
     el.queryHeading.textContent = "Your image";
     el.queryNote.textContent = query.file.name || "Uploaded image";
   } else {
-    el.queryImg.src = imageUrl(query.id);
+    el.queryImg.src = withIndex(imageUrl(query.id));
     el.queryImg.alt = `Catalogue image ${query.id}`;
     el.queryHeading.textContent = query.id;
     const link = document.createElement("a");
-    link.href = imageUrl(query.id);
+    link.href = withIndex(imageUrl(query.id));
     link.textContent = "open full size";
     el.queryNote.replaceChildren("From the catalogue · ", link);
   }
@@ -133,13 +156,16 @@ async function search(query, { focus = false } = {}) {
   el.summary.textContent = "Searching…";
   let response;
   try {
-    if (query.kind === "file") {
+    if (query.kind === "file" || query.kind === "text") {
       const form = new FormData();
-      form.append("file", query.file, query.file.name || "upload");
+      if (query.kind === "file") form.append("file", query.file, query.file.name || "upload");
+      else form.append("q", query.text);
       form.append("k", String(k));
-      response = await fetch("/similarity-search", { method: "POST", body: form });
+      if (chosenIndex()) form.append("index", chosenIndex());
+      const route = query.kind === "file" ? "/similarity-search" : "/text-search";
+      response = await fetch(route, { method: "POST", body: form });
     } else {
-      response = await fetch(`${imageUrl(query.id)}/similar?k=${k}`);
+      response = await fetch(withIndex(`${imageUrl(query.id)}/similar?k=${k}`));
     }
   } catch (e) {
     if (mine !== latest) return;
@@ -170,7 +196,7 @@ function render(results, k) {
     button.dataset.id = r.id;
     button.setAttribute("aria-label", `Search with ${r.id}, distance ${r.distance.toFixed(3)}`);
     const img = document.createElement("img");
-    img.src = `${imageUrl(r.id)}/thumbnail`;
+    img.src = withIndex(`${imageUrl(r.id)}/thumbnail`);
     img.alt = `Catalogue image ${r.id}`;
     img.decoding = "async";
     if (i >= 12) img.loading = "lazy";
@@ -188,7 +214,7 @@ function render(results, k) {
   el.results.replaceChildren(...items);
   const of = catalogueSize ? ` of ${catalogueSize.toLocaleString()}` : "";
   el.summary.textContent = results.length
-    ? `The ${results.length} nearest${of} catalogue images, nearest first (distance 0 means identical). Pick one to search with it.`
+    ? `The ${results.length} best matches${of} catalogue images, best first (distance 0 means identical). Pick one to search with it.`
     : "No other images in the catalogue.";
   if (results.length < k && results.length) el.summary.textContent += " (That is all of them.)";
   el.section.hidden = false;
@@ -207,7 +233,7 @@ function upload(file) {
     showError(tooLarge(MAX_UPLOAD));
     return;
   }
-  if (lastUpload) URL.revokeObjectURL(lastUpload.url);
+  if (lastUpload && lastUpload.url) URL.revokeObjectURL(lastUpload.url);
   lastUpload = { kind: "file", file, url: URL.createObjectURL(file) };
   if (location.hash) history.pushState(null, "", location.pathname);
   search(lastUpload);
@@ -274,22 +300,56 @@ window.addEventListener("popstate", () => {
 
 // A catalogue image that is not a browser format (TIFF, BMP on some) still has a thumbnail.
 el.queryImg.addEventListener("error", () => {
-  if (current && current.kind === "id" && !el.queryImg.src.endsWith("/thumbnail")) {
-    el.queryImg.src = `${imageUrl(current.id)}/thumbnail`;
+  if (current && current.kind === "id" && !el.queryImg.src.includes("/thumbnail")) {
+    el.queryImg.src = withIndex(`${imageUrl(current.id)}/thumbnail`);
   }
 });
+
+// The status line and the text box follow the chosen index.
+function showIndex() {
+  const chosen = indexes.find((i) => i.name === el.index.value) || indexes[0];
+  if (!chosen) return;
+  catalogueSize = chosen.vectors || 0;
+  el.status.textContent = catalogueSize
+    ? `${catalogueSize.toLocaleString()} images indexed with ${chosen.model}`
+    : "No images indexed yet";
+  el.textForm.hidden = !chosen.text;
+}
 
 async function loadStatus() {
   try {
     const health = await (await fetch("/health")).json();
-    catalogueSize = health.vectors || 0;
-    el.status.textContent = catalogueSize
-      ? `${catalogueSize.toLocaleString()} images indexed with ${health.model}`
-      : "No images indexed yet";
+    indexes = Array.isArray(health.indexes) && health.indexes.length
+      ? health.indexes
+      : [{ name: "", ...health }];
+    el.index.replaceChildren(...indexes.map((i) => {
+      const option = document.createElement("option");
+      option.value = i.name;
+      option.textContent = i.model ? `${i.name} (${i.model}${i.text ? ", text" : ""})` : i.name;
+      return option;
+    }));
+    el.indexField.hidden = indexes.length < 2;
+    showIndex();
   } catch (e) {
     el.status.textContent = "Cannot reach the server";
   }
 }
+
+el.index.addEventListener("change", () => {
+  showIndex();
+  // An uploaded image or a text searches the new index; a catalogue id may not be in it.
+  if (current && current.kind !== "id") search(current);
+});
+
+el.textForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = el.text.value.trim();
+  if (!text) return;
+  if (lastUpload && lastUpload.url) URL.revokeObjectURL(lastUpload.url);
+  lastUpload = { kind: "text", text };
+  if (location.hash) history.pushState(null, "", location.pathname);
+  search(lastUpload);
+});
 
 loadStatus();
 if (idInHash()) search({ kind: "id", id: idInHash() });
