@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -111,6 +112,18 @@ def timed_count(store) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
+class Lines(logging.Handler):
+    """Keeps the store's log lines (the inverted file's build phases) for the report."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        print(f"  {record.getMessage()}", file=sys.stderr)
+
+
 def bench_sqlite(folder: Path, source, queries, truth, k, sweep, more, truth_after) -> dict:
     """The default store as users get it, over the nprobe x ef_search sweep, then exact;
     then ``more`` vectors added batch by batch and the default measured again.
@@ -118,6 +131,10 @@ def bench_sqlite(folder: Path, source, queries, truth, k, sweep, more, truth_aft
     are 8 GB that the page cache needs more than this process, as a server would not
     hold them either."""
     store = SQLiteStore(folder / "bench.db")
+    lines = Lines()
+    logger = logging.getLogger("imagefinder")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
     n = len(source[0])
     load_s = load(store, source.pop())
     start = time.perf_counter()
@@ -126,6 +143,7 @@ def bench_sqlite(folder: Path, source, queries, truth, k, sweep, more, truth_aft
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = sum(p.stat().st_size for p in folder.glob("bench.db*"))
     lists = store.conn.execute(f"SELECT count(*) FROM {ivf.CENTROIDS}").fetchone()
+    sizes = [r[0] for r in store.conn.execute(f"SELECT size FROM {ivf.LISTS}")]
     result = {
         "load_s": round(load_s, 1),
         "index_build_s": round(index_s, 1),
@@ -134,6 +152,12 @@ def bench_sqlite(folder: Path, source, queries, truth, k, sweep, more, truth_aft
         "count_ms": timed_count(store),
         "search_mode": store.search_mode(),
         "lists": lists[0] if lists else 0,
+        "list_sizes": {
+            "median": int(np.median(sizes)),
+            "p95": int(np.percentile(sizes, 95)),
+            "max": max(sizes),
+        },
+        "build_log": lines.lines,
     }
     half = len(queries) // 2
     # Cold: the first queries after the build, with whatever the page cache kept.

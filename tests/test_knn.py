@@ -9,6 +9,7 @@ production one where a test needs the switch to happen on a few thousand vectors
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from support import ROOT, clustered_vectors
 
-from imagefinder.store import Item, ivf
+from imagefinder.store import Item, ivf, kmeans
 from imagefinder.store.sqlite import DEFAULT_CANDIDATES, DEFAULT_NPROBE, SQLiteStore
 
 DIM = 256
@@ -53,6 +54,18 @@ def image_rowids(store: SQLiteStore) -> list[int]:
     return sorted(r[0] for r in store.conn.execute("SELECT rowid FROM images"))
 
 
+def list_sizes(store: SQLiteStore) -> dict[int, int]:
+    """How many codes each list holds, counted in the codes table."""
+    rows = store.conn.execute(f"SELECT list, count(*) FROM {ivf.TABLE} GROUP BY list")
+    return {int(j): int(n) for j, n in rows}
+
+
+def recorded_sizes(store: SQLiteStore) -> dict[int, int]:
+    """The sizes the inverted file keeps for itself (to know when to split a list)."""
+    rows = store.conn.execute(f"SELECT list, size FROM {ivf.LISTS} WHERE size > 0")
+    return {int(j): int(n) for j, n in rows}
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The index's vectors, 10% more added later, and queries: one draw, as they share
@@ -80,10 +93,66 @@ def test_a_large_index_searches_through_the_inverted_file(large):
     store = SQLiteStore(large)
     assert store.search_mode() == ivf.MODE_IVF
     assert SQLiteStore(large, exact=True).search_mode() == ivf.MODE_EXACT
-    lists = store.conn.execute(f"SELECT count(*) FROM {ivf.CENTROIDS}").fetchone()[0]
-    assert lists == ivf.lists_for(N)
-    # Every vector is in exactly one list.
+    # Every vector is in exactly one list, and the kept sizes are the real ones.
     assert ivf_rowids(store) == image_rowids(store)
+    assert recorded_sizes(store) == list_sizes(store)
+    lists = store.conn.execute(f"SELECT count(*) FROM {ivf.CENTROIDS}").fetchone()[0]
+    assert lists >= ivf.lists_for(N)
+
+
+def test_hub_lists_are_split_at_build(tmp_path):
+    """A probe costs the size of the lists it scans. With more classes than lists (as
+    at 1M x 2048-d: 5,000 classes, 4,000 lists) plain k-means grows *hub* lists many
+    times the mean, and nearly every query probes one; the build splits them."""
+    n = 10_000
+    vectors = clustered_vectors(n, 256, seed=3, per_class=10)  # 1,000 classes
+    nlists = ivf.lists_for(n)
+    sample = vectors[np.linspace(0, n - 1, ivf.SAMPLE_PER_LIST * nlists).astype(int)]
+    centroids = kmeans.train(sample, nlists)
+    plain = np.bincount(kmeans.nearest(vectors, centroids, (centroids**2).sum(axis=1)))
+    assert plain.max() > 10 * n / nlists  # the data does grow hubs
+
+    store = SQLiteStore(tmp_path / "hubs.db")
+    store.ensure_schema(identity(256))
+    store.begin_bulk(n)
+    store.upsert(items(vectors))
+    store.end_bulk()
+    sizes = list_sizes(store)
+    # (A split adds lists, so it lowers the mean the cap was checked against.)
+    assert max(sizes.values()) <= (ivf.SPLIT_CAP + 1) * n / len(sizes)
+    assert recorded_sizes(store) == sizes and sum(sizes.values()) == n
+    # Vectors are filed under their nearest centroid, so probing the nearest list or
+    # two finds a stored vector (a list split at the very end re-files only its
+    # neighbourhood: a few vectors sit in their second-nearest list).
+    for nprobe, share in ((1, 0.98), (2, 0.995), (ivf.lists_for(n), 1.0)):
+        probe = SQLiteStore(store.path, nprobe=nprobe, ef_search=10)
+        found = [ids(probe.knn(vectors[i], 1)) == [f"img{i}"] for i in range(0, n, 7)]
+        assert np.mean(found) >= share, nprobe
+
+
+def test_a_list_crowded_by_new_kinds_of_images_is_split(tmp_path, large, data):
+    """Inserts of a kind of image the lists were not trained on all land in one or a
+    few lists; past SPLIT_CAP times the mean such a list is split, in the same write,
+    without retraining the others."""
+    vectors, _, queries = data
+    path = tmp_path / "crowded.db"
+    SQLiteStore(large).conn.execute(f"VACUUM INTO '{path}'")
+    store = SQLiteStore(path)
+    trained = store.conn.execute(f"SELECT build, rows FROM {ivf.STATE}").fetchone()
+    new_kind = clustered_vectors(2000, DIM, seed=99, per_class=400)  # 5 new classes
+    new_kind = np.sqrt(new_kind)  # far from every trained centroid
+    new_kind /= np.linalg.norm(new_kind, axis=1, keepdims=True)
+    for start in range(0, len(new_kind), 250):
+        store.upsert(items(new_kind[start : start + 250], start, prefix="new"))
+    build, rows = store.conn.execute(f"SELECT build, rows FROM {ivf.STATE}").fetchone()
+    assert rows == trained[1] and build != trained[0]  # split, not retrained
+    sizes = list_sizes(store)
+    assert max(sizes.values()) <= ivf.SPLIT_CAP * (N + len(new_kind)) / len(sizes) + 250
+    assert recorded_sizes(store) == sizes
+    assert ivf_rowids(store) == image_rowids(store)
+    exact = SQLiteStore(path, exact=True)
+    assert recall(store, exact, new_kind[::50], 10) >= 0.95
+    assert recall(store, exact, queries, 10) >= 0.95
 
 
 def test_recall_at_10_against_exact_search_on_20k_vectors(large, data):
@@ -121,16 +190,17 @@ def test_recall_holds_after_adds_and_deletes_batch_by_batch(tmp_path, large, dat
     path = tmp_path / "grown.db"
     SQLiteStore(large).conn.execute(f"VACUUM INTO '{path}'")
     store = SQLiteStore(path)
-    built = store.conn.execute(f"SELECT build FROM {ivf.STATE}").fetchone()
+    trained_at = store.conn.execute(f"SELECT rows FROM {ivf.STATE}").fetchone()
     for start in range(0, len(more), 250):  # 10% more, as extraction adds them
         store.upsert(items(more[start : start + 250], N + start))
     deleted = [f"img{i}" for i in range(0, N, 10)]  # and 10% gone
     for start in range(0, len(deleted), 500):
         store.delete(deleted[start : start + 500])
     assert store.count() == N + len(more) - len(deleted)
-    # No rebuild: the new vectors went into the lists they belong to.
-    assert store.conn.execute(f"SELECT build FROM {ivf.STATE}").fetchone() == built
+    # No retraining: the new vectors went into the lists they belong to.
+    assert store.conn.execute(f"SELECT rows FROM {ivf.STATE}").fetchone() == trained_at
     assert ivf_rowids(store) == image_rowids(store)
+    assert recorded_sizes(store) == list_sizes(store)
     exact = SQLiteStore(path, exact=True)
     assert recall(store, exact, queries, 10) >= 0.95
     # The added vectors are found, the deleted ones never are.
@@ -168,9 +238,10 @@ def test_the_inverted_file_follows_the_index_size(tmp_path, data):
     store.upsert(items(vectors[1000:2000], 1000))
     second = state()
     assert second[1] == 2000 and second[0] != first[0]
-    assert store.conn.execute(f"SELECT count(*) FROM {ivf.CENTROIDS}").fetchone()[0] == (
+    assert store.conn.execute(f"SELECT count(*) FROM {ivf.CENTROIDS}").fetchone()[0] >= (
         ivf.lists_for(2000)
     )
+    assert recorded_sizes(store) == list_sizes(store)
     # Dropped only below half the threshold, so an index near it does not flap.
     store.delete([f"img{i}" for i in range(1400)])
     assert store.search_mode() == ivf.MODE_IVF
@@ -284,3 +355,32 @@ def test_an_id_twice_in_one_batch_keeps_its_last_vector(tmp_path, data):
     assert store.knn(queries[1], 1) == [("new", pytest.approx(0, abs=1e-6))]
     assert store.knn(queries[2], 1) == [("img3", pytest.approx(0, abs=1e-6))]
     assert ivf_rowids(store) == image_rowids(store)
+
+
+def test_warming_reads_the_inverted_file(tmp_path, large):
+    """What a server reads at start-up: every code (and the centroids), nothing
+    without an inverted file, and no file created for a path that has none."""
+    assert SQLiteStore(large).warm() >= N * DIM  # one int8 byte per dimension
+    small = SQLiteStore(tmp_path / "small.db")
+    small.ensure_schema(identity())
+    small.upsert(items(clustered_vectors(10, DIM)))
+    assert small.warm() == 0
+    assert SQLiteStore(tmp_path / "none.db").warm() == 0
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_server_warms_its_index_in_the_background(large, caplog):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from imagefinder.config import Settings
+    from imagefinder.server.app import create_app
+
+    caplog.set_level(logging.INFO, logger="imagefinder")
+    with TestClient(create_app(Settings(db=large))) as client:
+        assert client.get("/health").status_code == 200  # answered at once
+        deadline = time.monotonic() + 30
+        while "warm:" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "index 'default' warm:" in caplog.text
