@@ -368,6 +368,11 @@ def main() -> None:
     parser.add_argument("--skip-caltech", action="store_true", help="vectors only")
     parser.add_argument("--tmp", default=None, help="folder for the index files")
     parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the SQLite index file (path printed) to re-measure",
+    )
+    parser.add_argument(
         "--commit",
         action="store_true",
         help="also write the tracked results the README quotes (bench/results/stores.{json,md} "
@@ -403,7 +408,7 @@ def main() -> None:
             folder, source, queries, truth, args.k, pairs(args.sqlite_sweep), more, truth_after
         )
         del more
-        if not args.skip_postgres:
+        if not args.skip_postgres and not args.keep:
             (folder / "bench.db").unlink()
             with temporary_server(durable=True) as server:
                 print(f"PostgreSQL: {args.n:,} vectors ...", file=sys.stderr)
@@ -414,7 +419,10 @@ def main() -> None:
                     print("Caltech extraction into each store ...", file=sys.stderr)
                     report["caltech"] = bench_caltech(folder, create_database(server, "caltech"))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if args.keep:
+            print(f"kept {folder / 'bench.db'}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
     finish(report, args.commit, default_n=args.n == parser.get_default("n"))
 
