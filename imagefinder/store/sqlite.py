@@ -8,9 +8,9 @@ Layout (schema version 2):
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
 - ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
-- ``vec_ivf`` + ``ivf_centroids`` + ``ivf_state``: from ``ivf.MIN_ROWS`` vectors on,
-  an inverted-file index: k-means lists, an int8 code per vector, the nearest lists'
-  nearest codes re-ranked exactly (see ``ivf.py``).
+- ``vec_ivf`` + ``ivf_centroids`` + ``ivf_lists`` + ``ivf_state``: from ``ivf.MIN_ROWS``
+  vectors on, an inverted-file index: k-means lists, an int8 code per vector, the
+  nearest lists' nearest codes re-ranked exactly (see ``ivf.py``).
 
 Schema version 2 replaced version 1's ``vec_coarse`` (one Hamming pass over every
 vector, recall@10 0.44 at 1M) with the inverted file.
