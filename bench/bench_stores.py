@@ -360,7 +360,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--sqlite-sweep",
-        default=f"{DEFAULT_NPROBE}:{DEFAULT_CANDIDATES},8:20,8:40,16:20,32:40,32:100",
+        default=f"{DEFAULT_NPROBE}:{DEFAULT_CANDIDATES},4:20,8:40,16:20,16:40,32:40,64:100",
         help="SQLite nprobe:ef_search pairs; the first is the headline figure (the default)",
     )
     parser.add_argument("--add", type=float, default=0.1, help="then add this share more")
