@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: venv run demo test lint format bench bench-stores bench-quality loadtest clean
+.PHONY: venv run demo test lint format bench bench-stores bench-quality loadtest hostile clean
 
 $(BIN)/imagefinder: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,12 +19,12 @@ venv: $(BIN)/imagefinder
 run: venv
 	$(BIN)/python download_images.py --csv_file data/images.csv
 	$(BIN)/python extract_image_features.py --folder data/images
-	$(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+	$(BIN)/python -m imagefinder serve --host 127.0.0.1 --port $(PORT)
 
 ## Offline demo: the sample photos in assets/demo with efficientnet-lite2.
 demo: venv
 	$(BIN)/python extract_image_features.py --folder assets/demo --db data/demo-lite2.db --model efficientnet-lite2
-	IMAGEFINDER_DB=data/demo-lite2.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/uvicorn main:app --host 127.0.0.1 --port $(PORT)
+	IMAGEFINDER_DB=data/demo-lite2.db IMAGEFINDER_IMAGES_DIR=assets/demo $(BIN)/python -m imagefinder serve --host 127.0.0.1 --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -57,6 +57,11 @@ bench-quality: venv
 ## (--commit refreshes the tracked loadtest.{json,md}).
 loadtest: venv
 	$(BIN)/python bench/loadtest.py
+
+## Hostile uploads, idle sockets, 100k failing rows against a live server (~5 min);
+## python bench/hostile.py --commit writes bench/results/hostile.{json,md}.
+hostile: venv
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

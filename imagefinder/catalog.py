@@ -35,11 +35,14 @@ def id_problem(image_id: str) -> str | None:
     return None
 
 
+_URL_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be downloaded, or None if it can."""
     if not url:
         return "empty url"
-    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+    if _URL_CONTROL.search(url):
         return "url contains a control character (a NUL byte, tab or line break)"
     try:
         parts = urlsplit(url)
@@ -50,6 +53,29 @@ def url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "url has no host"
     return None
+
+
+# Characters that make a terminal or a spreadsheet do something: C0 and C1 controls and
+# DEL (escape sequences clear a screen and print a fake line), and Unicode's bidirectional
+# overrides and line separators (they reorder or split what is shown).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+# A cell starting with one of these is a formula to Excel, LibreOffice and Sheets.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``) instead of
+    acted on: for anything printed to a terminal or written to a manifest. Escaped
+    rather than dropped, so what a server sent stays visible."""
+    return _CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A CSV cell a spreadsheet shows as text, never runs: one that would start a formula
+    gets a leading apostrophe (OWASP's advice), and controls are escaped."""
+    if cell.startswith(_FORMULA_START):
+        cell = "'" + cell
+    return printable(cell)
 
 
 @dataclass(frozen=True)

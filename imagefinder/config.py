@@ -15,6 +15,10 @@ from typing import Any
 from .errors import ConfigError
 
 PREFIX = "IMAGEFINDER_"
+# The pixel cap. Decoding a picture this large costs at most about 4 bytes a pixel
+# (~260 MB; formats that need more per pixel get fewer pixels, see imagecost.py): the
+# most one upload may cost, measured by bench/hostile.py.
+DEFAULT_MAX_PIXELS = 64_000_000
 # What IMAGEFINDER_DB calls a plain location (no name=): the server's one index.
 DEFAULT_INDEX = "default"
 INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -28,6 +32,10 @@ RANGES: dict[str, tuple[int, int]] = {
     "max_pixels": (1, 1 << 40),
     "ef_search": (1, 100_000),
     "nprobe": (1, 100_000),
+    "max_concurrency": (1, 1024),
+    "max_queue": (0, 100_000),
+    "body_timeout": (1, 3600),
+    "decode_processes": (0, 1024),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "metrics": ("token", "public", "off"),
@@ -48,7 +56,16 @@ class Settings:
     # Images per forward pass: 8 beat 16 and 32 on 2 cores (bench/bench.py --sweep).
     batch_size: int = 8
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Uploads decoded and embedded at once (each may hold ~4 bytes x max_pixels while it
+    # decodes), and how many more may wait for a slot before the server answers 503 busy.
+    max_concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_queue: int = field(default_factory=lambda: 4 * (os.cpu_count() or 1))
+    # Worker processes that decode uploads for the server (0: decode in the server's own
+    # process); by default one per decoding slot.
+    decode_processes: int | None = None
+    # Seconds an upload body may take before it must average 10 KB/s (then 408).
+    body_timeout: int = 10
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default
@@ -102,6 +119,8 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.decode_processes is None:
+            object.__setattr__(self, "decode_processes", self.max_concurrency)
         for name, (low, high) in RANGES.items():
             value = getattr(self, name)
             if value is not None and not low <= value <= high:

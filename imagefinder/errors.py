@@ -64,7 +64,25 @@ class TooLarge(ImageError):
 
 
 class TooManyPixels(ImageError):
+    """More pixels than the cap, or more memory to decode than the cap allows."""
+
     code = "too_many_pixels"
+
+
+class TooComplex(ImageError):
+    """A file whose structure (segments, scans) would cost far more CPU than its pixels."""
+
+    code = "too_complex"
+
+
+class Busy(ImageFinderError):
+    """Every decoding slot is taken and the queue is full: try again shortly."""
+
+    code = "busy"
+
+    def __init__(self, message: str, *, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelUnavailable(ImageFinderError):

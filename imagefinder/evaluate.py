@@ -39,27 +39,9 @@ def evaluate_index(store: Store, folder: str | Path, k: int = 3) -> dict:
     precision@k uses the store's own KNN (so it measures whatever search mode
     the index uses); mAP needs the full ranking, computed exactly from the vectors.
     """
-    root = Path(folder).resolve()
-    ids, labels, vectors = [], [], []
-    for chunk in store.iter_vectors():
-        for image_id, path, vector in chunk:
-            try:
-                rel = Path(path).resolve().relative_to(root)
-            except ValueError:
-                continue
-            if len(rel.parts) < 2:
-                continue
-            ids.append(image_id)
-            labels.append(rel.parts[0])
-            vectors.append(vector)
-    if len(ids) < 2:
-        raise StoreError(
-            f"the index {store.location} holds no images from {root}; index it first: "
-            f"imagefinder extract --folder {folder} --db {store.location}"
-        )
+    ids, labels, matrix = labelled_vectors(store, folder)
     labels_arr = np.array(labels)
     label_of = dict(zip(ids, labels, strict=True))
-    matrix = np.stack(vectors)
     precisions, aps = [], []
     for i, (image_id, label) in enumerate(zip(ids, labels, strict=True)):
         neighbours = store.knn(matrix[i], k, exclude=(image_id,))

@@ -27,10 +27,14 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def existing_file(output_dir: Path, image_id: str) -> Path | None:
-    """The file saved for ``image_id`` in ``output_dir``, whatever its format."""
+def existing_file(output_dir: Path, image_id: str, names: set[str] | None = None) -> Path | None:
+    """The file saved for ``image_id`` in ``output_dir``, whatever its format. ``names``:
+    the folder's listing, if the caller has it (one set lookup instead of a stat)."""
     for ext in SUFFIXES:
-        path = output_dir / f"{image_id}.{ext}"
+        name = f"{image_id}.{ext}"
+        if names is not None and name not in names:
+            continue
+        path = output_dir / name
         if path.is_file():
             return path
     return None

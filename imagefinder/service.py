@@ -12,11 +12,12 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from PIL.Image import Image as PILImage
 
-from . import augment, query
+from . import augment, images, query
 from .config import DEFAULT_INDEX, Settings
 from .errors import (
     IndexNotReady,
@@ -26,11 +27,11 @@ from .errors import (
     UnknownIndex,
     unknown_id,
 )
-from .images import load_rgb
 from .model.embedder import Embedder, load_embedder
 from .model.registry import MODELS, embeds_text
 from .query import SearchOptions
-from .store import Store, display_location, open_store
+from .redact import redact
+from .store import Store, display_location, open_store, public_location
 from .store.base import check_compatible
 
 log = logging.getLogger("imagefinder")
@@ -52,6 +53,15 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
     return recorded
 
 
+class Decoder(Protocol):
+    """Where pictures are decoded: ``images`` itself (in this process), or the server's
+    worker processes (``server/decoders.py``)."""
+
+    def load_rgb(self, source: Any, max_pixels: int, min_side: int | None = None) -> PILImage: ...
+
+    def probe(self, source: Any, max_pixels: int) -> str: ...
+
+
 class Service:
     def __init__(
         self,
@@ -71,6 +81,7 @@ class Service:
             nprobe=settings.nprobe,
         )
         self.embedder: Embedder | None = None
+        self.decoder: Decoder = images
         self._load_lock = threading.Lock()
 
     def close(self) -> None:
@@ -164,7 +175,7 @@ class Service:
     def embed_upload(self, data: bytes, embedder: Embedder | None = None) -> np.ndarray:
         """Bytes of any supported image -> one vector. Raises ImageError."""
         embedder = embedder or self.ready()[0]
-        img = load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
+        img = self.decoder.load_rgb(data, self.settings.max_pixels, min_side=embedder.min_side)
         return embedder.embed_tensors(embedder.preprocess(img)[None])[0]
 
     def embed_text(self, text: str) -> np.ndarray:
@@ -207,6 +218,15 @@ class Service:
             "metric": meta.get("metric", ""),
             "results": [{"id": i, "distance": d} for i, d in results],
         }
+
+    def public_health(self) -> dict[str, Any]:
+        """``health()`` as an anonymous client may see it: the index by its file name (or
+        a server URL's host and database), no paths or credentials in ``detail``."""
+        answer = self.health()
+        answer["index"] = public_location(self.store.location)
+        if answer.get("detail"):
+            answer["detail"] = redact(answer["detail"], self.settings)
+        return answer
 
     def health(self) -> dict[str, Any]:
         try:
@@ -304,12 +324,16 @@ class Indexes:
                     time.perf_counter() - start,
                 )
 
-    def health(self) -> dict[str, Any]:
+    def health(self, public: bool = False) -> dict[str, Any]:
         """The default index's health at the top level (as with one index), and every
         index's under ``indexes``."""
-        each = [{"name": s.name, **s.health()} for s in self]
+        each = [{"name": s.name, **(s.public_health() if public else s.health())} for s in self]
         top = {k: v for k, v in each[0].items() if k != "name"}
         return {**top, "indexes": each}
+
+    def public_health(self) -> dict[str, Any]:
+        """``health()`` as an anonymous client may see it (``Service.public_health``)."""
+        return self.health(public=True)
 
     def close(self) -> None:
         for service in self:

@@ -1,5 +1,7 @@
 """Fixtures shared across the suite. Everything is real: SQLite files in tmp dirs,
-images made with PIL or read from ../shared/data, the real model where quality matters."""
+images made with PIL or read from ../shared/data, a real PostgreSQL. The model is the
+deterministic fake (``fake_model.py``) wherever the model is not the point, and a real
+one (efficientnet-lite0/lite2, resnet50) where quality or the model itself is."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Registered before any test module imports the CLI, whose --model choices are fixed then.
+import fake_model  # noqa: E402
 from support import CALTECH, ROOT, image_bytes  # noqa: E402
 
 from imagefinder.config import Settings  # noqa: E402
@@ -29,29 +33,40 @@ def caltech_dir() -> Path:
     return CALTECH
 
 
-@pytest.fixture(scope="session")
-def caltech_index(tmp_path_factory, caltech_dir) -> Path:
-    """The Caltech photos indexed with efficientnet-lite2, the best offline model, through
-    the real extract command with its defaults (DBA on)."""
+def extract_caltech(db: Path, caltech_dir: Path, model_name: str) -> Path:
+    """The Caltech photos indexed at ``db`` through the real extract command, with its
+    defaults (DBA on)."""
     from click.testing import CliRunner
 
     from imagefinder.cli import cli
 
-    db = tmp_path_factory.mktemp("caltech") / "caltech.db"
     result = CliRunner().invoke(
-        cli,
-        ["extract", "--folder", str(caltech_dir), "--db", str(db), "--model", "efficientnet-lite2"],
+        cli, ["extract", "--folder", str(caltech_dir), "--db", str(db), "--model", model_name]
     )
     assert result.exit_code == 0, result.output
     return db
 
 
 @pytest.fixture(scope="session")
+def caltech_index(tmp_path_factory, caltech_dir) -> Path:
+    """The Caltech photos indexed with the fake model: for tests about the API, the CLI
+    and the page, where what matters is which photo comes back, not its class."""
+    db = tmp_path_factory.mktemp("caltech") / "caltech.db"
+    return extract_caltech(db, caltech_dir, fake_model.NAME)
+
+
+@pytest.fixture(scope="session")
+def caltech_lite2_index(tmp_path_factory, caltech_dir) -> Path:
+    """The Caltech photos indexed with efficientnet-lite2, the best offline model: for
+    retrieval quality."""
+    db = tmp_path_factory.mktemp("caltech-lite2") / "caltech.db"
+    return extract_caltech(db, caltech_dir, "efficientnet-lite2")
+
+
+@pytest.fixture(scope="session")
 def model():
     """The fake model (``fake_model.py``), loaded once: for every test where the model is
     not the point. It embeds a photo in well under a millisecond."""
-    import fake_model
-
     from imagefinder.model.embedder import load_embedder
 
     return load_embedder(fake_model.NAME)
@@ -122,14 +137,14 @@ class ShardedIndex:
 
 @pytest.fixture(scope="session")
 def caltech_index_pg(pg_server, caltech_dir) -> ShardedIndex:
-    """The Caltech photos indexed into one PostgreSQL database with efficientnet-lite0 by
+    """The Caltech photos indexed into one PostgreSQL database with the fake model by
     two processes at once, each running the real extract command on its shard."""
     from pgtest import create_database
 
     url = create_database(pg_server, "caltech")
     env = {**os.environ, "IMAGEFINDER_THREADS": "1"}
-    cmd = [sys.executable, "extract_image_features.py", "--folder", str(caltech_dir)]
-    cmd += ["--db", url, "--model", "efficientnet-lite0"]
+    cmd = fake_model.command("extract_image_features.py", "--folder", str(caltech_dir))
+    cmd += ["--db", url, "--model", fake_model.NAME]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     procs = [
         subprocess.Popen([*cmd, "--shard", f"{i}/2"], cwd=ROOT, env=env, **pipes) for i in range(2)

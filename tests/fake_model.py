@@ -18,12 +18,17 @@ fakes' vectors never mix.
 Subprocesses (a live server, the scripts) register them by running through this file:
 ``python tests/fake_model.py -m uvicorn main:app ...`` or
 ``python tests/fake_model.py extract_image_features.py ...``.
+
+``FAKE_MODEL_BATCH_SECONDS`` (env) makes each forward pass take at least that long, for
+a test that must catch a run in the middle (a kill mid-extraction) whatever the CPU.
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,8 +57,11 @@ class ColourFeatures(torch.nn.Module):
         self.register_buffer("projection", projection)
         self.register_buffer("mean", torch.tensor(SPEC.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(SPEC.std).view(1, 3, 1, 1))
+        self.batch_seconds = float(os.environ.get("FAKE_MODEL_BATCH_SECONDS", "0"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_seconds:
+            time.sleep(self.batch_seconds)
         rgb = (x.float() * self.std + self.mean).clamp(0, 1)  # back to [0, 1]
         n = rgb.shape[0]
         levels = (rgb * _BINS).long().clamp(max=_BINS - 1)
@@ -71,6 +79,20 @@ def build(weights: str | None) -> tuple[torch.nn.Module, str]:
 
 
 SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
+
+# A second image model of another dimension: for tests of two models meeting one index.
+OTHER = "fake-colour-64"
+OTHER_DIM = 64
+register(
+    ModelSpec(
+        OTHER,
+        OTHER_DIM,
+        32,
+        SPEC.mean,
+        SPEC.std,
+        lambda weights: (ColourFeatures(SEED, OTHER_DIM), f"seed-{SEED}-64"),
+    )
+)
 
 TEXT_NAME = "fake-clip"
 TEXT_DIM = 64
@@ -119,7 +141,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["-m"]:
         sys.argv = [args[1], *args[2:]]
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        # This file stays __main__, so processes the module spawns (uvicorn --workers)
+        # import it again as their main, and register the fake too.
+        runpy.run_module(args[1], run_name="__main__", alter_sys=False)
     else:
         sys.argv = args
         runpy.run_path(args[0], run_name="__main__")

@@ -84,6 +84,8 @@ class LiveServer:
         workers: int = 1,
         fake_model: bool = False,
         log: Path | None = None,
+        command: list[str] | None = None,
+        open_files: int | None = None,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -105,10 +107,24 @@ class LiveServer:
         ]
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        # The server's output goes to ``log`` when given (a test reads its log lines).
-        self._log = open(log, "ab") if log else None  # noqa: SIM115 (closed in stop)
-        out = {"stdout": self._log, "stderr": subprocess.STDOUT} if self._log else {}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, **out)
+        if command is not None:  # another way to start it (``python -m imagefinder serve``)
+            cmd = [sys.executable, *launcher, *command, "--port", str(self.port)]
+        # The server's log goes to a file the test can read, never to an unread pipe.
+        self.log = open(log, "ab") if log else None  # noqa: SIM115 (closed in stop)
+
+        def limit_open_files() -> None:  # in the child, before it runs
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log else None,
+            preexec_fn=limit_open_files if open_files else None,
+        )
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -133,8 +149,8 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._log:
-            self._log.close()
+        if self.log:
+            self.log.close()
 
     def __enter__(self) -> LiveServer:
         return self

@@ -1,18 +1,25 @@
-"""The HTTP API through FastAPI's TestClient, over a real index of real photos.
+"""The HTTP API through FastAPI's TestClient, over a real index of real photos,
+embedded with the tests' fake model (the model is not the point here).
 
 Every error leaves in one shape: ``{"error": {"status", "code", "message"}}``.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import fake_model
 import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
 
 from imagefinder.indexer import index_folder
+from imagefinder.redact import public_path
 from imagefinder.server.app import BODY_SLACK, create_app
+from imagefinder.server.health import TTL as HEALTH_TTL
 from imagefinder.service import Service
-from imagefinder.store import display_location, open_store
+from imagefinder.store import is_postgres, open_store, public_location
 
 CLASSES = ("accordion", "pagoda", "trilobite")
 # For what the API decides before it ever reaches the index: one store is enough.
@@ -20,31 +27,31 @@ STORE_UNUSED = pytest.mark.sqlite_only
 
 
 @pytest.fixture
-def indexed(settings, caltech_dir, lite0):
-    """Six Caltech photos (two per class) indexed with efficientnet-lite0 at ``settings.db``."""
+def indexed(settings, caltech_dir, model):
+    """Six Caltech photos (two per class) indexed with the fake model at ``settings.db``."""
     chosen = {
         f"{label}/{p.stem}"
         for label in CLASSES
         for p in sorted((caltech_dir / label).glob("*.jpg"))[:2]
     }
     store = open_store(settings.db)
-    summary = index_folder(caltech_dir, store, lite0, select=chosen.__contains__)
+    summary = index_folder(caltech_dir, store, model, select=chosen.__contains__)
     store.close()
     assert summary.indexed == 6
     return sorted(chosen)
 
 
-def make_client(settings, lite0=None, **changes) -> TestClient:
+def make_client(settings, model=None, **changes) -> TestClient:
     service = Service(settings.with_(**changes))
-    if lite0 is not None:
+    if model is not None:
         # The session's already-loaded model: the very one the index was built with.
-        service.embedder = lite0
+        service.embedder = model
     return TestClient(create_app(service=service))
 
 
 @pytest.fixture
-def client(settings, indexed, lite0):
-    with make_client(settings, lite0) as c:
+def client(settings, indexed, model):
+    with make_client(settings, model) as c:
         yield c
 
 
@@ -71,7 +78,7 @@ def test_search_returns_the_three_nearest_by_default(client, indexed, caltech_di
     response = search(client, photo(caltech_dir, query))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["model"], body["metric"]) == ("efficientnet-lite0", "l2")
+    assert (body["model"], body["metric"]) == (fake_model.NAME, "l2")
     results = body["results"]
     assert len(results) == 3
     assert all(isinstance(r["id"], str) and set(r) == {"id", "distance"} for r in results)
@@ -140,10 +147,10 @@ def test_uploads_that_are_not_usable_images_are_400(client):
         assert words in error["message"].lower(), (case, error)
 
 
-def test_an_upload_over_the_byte_cap_is_413(settings, indexed, lite0):
+def test_an_upload_over_the_byte_cap_is_413(settings, indexed, model):
     big = image_bytes((600, 600), quality=100)
     cap = len(big) - 1
-    with make_client(settings, lite0, max_upload_bytes=cap) as client:
+    with make_client(settings, model, max_upload_bytes=cap) as client:
         # Just over the cap: the body fits the framing slack, the file itself does not.
         error = assert_error(search(client, big), 413)
         assert error["code"] == "too_large" and f"{cap:,} bytes" in error["message"]
@@ -178,8 +185,8 @@ def test_a_streamed_upload_without_content_length_is_capped_too(settings):
         assert assert_error(response, 413)["code"] == "too_large"
 
 
-def test_an_image_over_the_pixel_cap_is_413(settings, indexed, lite0):
-    with make_client(settings, lite0, max_pixels=64 * 48 - 1) as client:
+def test_an_image_over_the_pixel_cap_is_413(settings, indexed, model):
+    with make_client(settings, model, max_pixels=64 * 48 - 1) as client:
         error = assert_error(search(client, image_bytes((64, 48))), 413)
     assert error["code"] == "too_many_pixels" and "64x48" in error["message"]
 
@@ -191,35 +198,38 @@ def test_no_index_is_503_naming_the_command_that_builds_it(settings, jpeg):
     with make_client(settings) as client:
         error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_missing"
+        # Anyone may read it: the paths show their last part only, and no password.
         assert (
-            f"python extract_image_features.py --folder {settings.images_dir} "
-            f"--db {display_location(settings.db)}"
+            f"python extract_image_features.py --folder {public_path(settings.images_dir)} "
+            f"--db {public_location(settings.db) if is_postgres(settings.db) else public_path(settings.db)}"
         ) in error["message"]
+        assert str(Path(settings.images_dir).parent) not in error["message"]
         health = client.get("/health").json()
         assert (health["status"], health["vectors"], health["model"]) == ("missing", 0, None)
 
 
-def test_an_empty_index_is_503(settings, jpeg, lite0):
+def test_an_empty_index_is_503(settings, jpeg, model):
     store = open_store(settings.db)
-    store.ensure_schema(lite0.meta())
+    store.ensure_schema(model.meta())
     store.close()
-    with make_client(settings, lite0) as client:
+    with make_client(settings, model) as client:
         error = assert_error(search(client, jpeg), 503)
         assert error["code"] == "index_empty"
         assert "extract_image_features.py" in error["message"]
         assert client.get("/health").json()["status"] == "empty"
 
 
-def test_an_index_built_after_startup_is_used_without_a_restart(settings, caltech_dir, lite0):
+def test_an_index_built_after_startup_is_used_without_a_restart(settings, caltech_dir, model):
     with make_client(settings) as client:  # loads no model: there is no index to say which
         assert client.get("/health").json()["model_loaded"] is False
         assert search(client, image_bytes()).status_code == 503
         store = open_store(settings.db)
-        index_folder(caltech_dir / "pagoda", store, lite0)
+        index_folder(caltech_dir / "pagoda", store, model)
         store.close()
         response = search(client, photo(caltech_dir, "pagoda/image_0001"), k="1")
         assert response.status_code == 200, response.text
         assert response.json()["results"][0]["id"] == "image_0001"
+        time.sleep(HEALTH_TTL)  # /health answers from a short cache (a flood cannot queue it)
         assert client.get("/health").json()["model_loaded"] is True
 
 
@@ -231,9 +241,15 @@ def test_health_reports_status_model_and_count(client, settings):
     assert response.status_code == 200
     health = response.json()
     assert health["status"] == "ok"
-    assert (health["model"], health["metric"], health["dim"]) == ("efficientnet-lite0", "l2", 1280)
+    assert (health["model"], health["metric"], health["dim"]) == (
+        fake_model.NAME,
+        "l2",
+        fake_model.DIM,
+    )
     assert health["vectors"] == 6
-    assert health["index"] == display_location(settings.db)
+    # Public: the file name of a SQLite index; host and database of a PostgreSQL one.
+    assert health["index"] == public_location(settings.db)
+    assert "/" not in health["index"].removeprefix("postgresql://").rstrip("/").split("/")[0]
 
 
 @STORE_UNUSED

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import click
+import fake_model
 import pytest
 from click.testing import CliRunner
 from image_server import JPEG, ImageServer
@@ -23,10 +24,11 @@ def run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+def script(*args: str, fake: bool = False) -> subprocess.CompletedProcess:
+    """Run a script in the project root as a user would; ``fake``: with the tests' fake
+    model registered."""
+    cmd = fake_model.command(*args) if fake else [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("name", sorted(cli.commands))
@@ -56,7 +58,14 @@ def test_download_images_script(tmp_path):
             f"url,id\n{server.url('/img/one.jpg')},one\n{server.url('/missing')},two\n"
         )
         out = tmp_path / "images"
-        proc = script("download_images.py", "--csv_file", str(csv_path), "--output-dir", str(out))
+        proc = script(
+            "download_images.py",
+            "--csv_file",
+            str(csv_path),
+            "--output-dir",
+            str(out),
+            "--allow-private",
+        )
         missing = server.url("/missing")
     assert proc.returncode == 0, proc.stderr
     assert "1 downloaded, 0 skipped (already there), 1 failed" in proc.stdout
@@ -76,7 +85,7 @@ def test_extract_image_features_script_then_info(tmp_path, caltech_dir):
     db = tmp_path / "pagoda.db"
     proc = script(
         "extract_image_features.py", "--folder", str(folder), "--db", str(db),
-        "--model", "efficientnet-lite0",
+        "--model", fake_model.NAME, fake=True,
     )  # fmt: skip
     n = len(list(folder.glob("*.jpg")))
     assert proc.returncode == 0, proc.stderr
@@ -88,9 +97,9 @@ def test_extract_image_features_script_then_info(tmp_path, caltech_dir):
     info = run("info", "--db", str(db))
     assert info.exit_code == 0, info.output
     assert re.search(rf"^vectors\s+{n}$", info.output, re.M)
-    assert re.search(r"^model\s+efficientnet-lite0$", info.output, re.M)
+    assert re.search(rf"^model\s+{re.escape(fake_model.NAME)}$", info.output, re.M)
     data = json.loads(run("info", "--db", str(db), "--json").output)
-    assert (data["vectors"], data["dim"], data["metric"]) == (n, "1280", "l2")
+    assert (data["vectors"], data["dim"], data["metric"]) == (n, str(fake_model.DIM), "l2")
     assert data["index"] == str(db)
 
     removed = sorted(folder.glob("*.jpg"))[0]
@@ -116,7 +125,7 @@ def test_search_prints_neighbours_as_text_and_json(caltech_index, caltech_dir):
     as_json = run("search", str(query), "--db", str(caltech_index), "--json")
     assert as_json.exit_code == 0, as_json.output
     body = json.loads(as_json.output)
-    assert (body["model"], body["metric"]) == ("efficientnet-lite2", "l2")
+    assert (body["model"], body["metric"]) == (fake_model.NAME, "l2")
     assert [r["id"] for r in body["results"]] == [line.split()[1] for line in lines[:3]]
 
 
@@ -133,7 +142,7 @@ def test_eval_reports_every_combination_of_expansion_and_dba(caltech_index, calt
         ("off", "on"),
         ("on", "on"),
     ]
-    assert all(r[0] == "efficientnet-lite2" and r[1] == "-" for r in rows)
+    assert all(r[0] == fake_model.NAME and r[1] == "-" for r in rows)
     assert all(re.fullmatch(r"0\.\d{4}", x) for r in rows for x in r[4:])
 
 

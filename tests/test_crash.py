@@ -18,6 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fake_model
 import pytest
 from PIL import Image
 from support import ROOT
@@ -41,12 +42,17 @@ def jpeg(i: int, size=(96, 72)) -> bytes:
 
 
 def kill_after_progress(
-    cmd: list[str], progressed, rng: random.Random, max_delay: float, timeout: float = 120.0
+    cmd: list[str],
+    progressed,
+    rng: random.Random,
+    max_delay: float,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> int:
     """Start ``cmd``; once ``progressed()`` is true, wait a random moment and SIGKILL it.
     Returns the process's return code (-9 when killed, 0 if it finished first)."""
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or ENV
     )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and not progressed():
@@ -61,6 +67,9 @@ def kill_after_progress(
 
 
 ENV = {**os.environ, "IMAGEFINDER_THREADS": "1"}
+# The fake model embeds in microseconds; a run killed "mid-run" needs one that takes a
+# while, as a real model's does (see fake_model.py).
+SLOW_MODEL = {**ENV, "FAKE_MODEL_BATCH_SECONDS": "0.05"}
 
 
 # -- extraction --------------------------------------------------------------------------
@@ -86,7 +95,7 @@ def indexed_rows(db: Path) -> int:
         conn.close()
 
 
-def test_a_killed_extraction_leaves_a_consistent_index_that_resumes(tmp_path, lite0):
+def test_a_killed_extraction_leaves_a_consistent_index_that_resumes(tmp_path, model):
     rng = random.Random(SEED)
     folder = tmp_path / "photos"
     (folder / "more").mkdir(parents=True)
@@ -97,14 +106,17 @@ def test_a_killed_extraction_leaves_a_consistent_index_that_resumes(tmp_path, li
         (folder / name).write_bytes(make())
     files_before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
     db = tmp_path / "db" / "index.db"
-    cmd = [sys.executable, "extract_image_features.py", "--folder", str(folder), "--db", str(db)]
-    cmd += ["--model", "efficientnet-lite0", "--batch-size", "3"]
+    cmd = fake_model.command("extract_image_features.py", "--folder", str(folder), "--db", str(db))
+    cmd += ["--model", fake_model.NAME, "--batch-size", "3"]
 
     progress = []  # (return code, rows indexed) per killed run
     for _ in range(3):
         seen = indexed_rows(db)
-        # Short delays: even on a fast machine the third kill still lands mid-run.
-        code = kill_after_progress(cmd, lambda seen=seen: indexed_rows(db) > seen, rng, 0.15)
+        # Short delays against the model's 0.05 s a batch: the third kill still lands
+        # mid-run, however fast the rest of the pipeline is.
+        code = kill_after_progress(
+            cmd, lambda seen=seen: indexed_rows(db) > seen, rng, 0.15, env=SLOW_MODEL
+        )
         progress.append((code, indexed_rows(db)))
         if code == 0:
             break
@@ -138,7 +150,7 @@ def test_a_killed_extraction_leaves_a_consistent_index_that_resumes(tmp_path, li
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == files_before
     assert [p.name for p in db.parent.iterdir()] == ["index.db"]
     # And a further run has nothing to do but refuse the same four files again.
-    summary = index_folder(folder, open_store(db), lite0)
+    summary = index_folder(folder, open_store(db), model)
     assert (summary.indexed, summary.unchanged, summary.skipped) == (0, VALID, len(INVALID))
 
 
@@ -191,7 +203,7 @@ def test_a_killed_download_leaves_no_half_file_and_a_rerun_finishes(tmp_path):
     csv_path.write_text("url,id\n" + "".join(f"{server.base}/{i}.jpg,{i}\n" for i in server.bodies))
     out = tmp_path / "images"
     cmd = [sys.executable, "download_images.py", "--csv_file", str(csv_path)]
-    cmd += ["--output-dir", str(out), "--workers", "4"]
+    cmd += ["--output-dir", str(out), "--workers", "4", "--allow-private"]
 
     def complete_files() -> dict[str, bytes]:
         if not out.exists():

@@ -27,7 +27,10 @@ from imagefinder.download import (
 )
 from imagefinder.files import TEMP_PREFIX
 
-FAST = DownloadOptions(timeout=3.0, retries=2, backoff=0.01, max_bytes=100_000, workers=4)
+# The test server is on 127.0.0.1: a private address, refused unless allowed.
+FAST = DownloadOptions(
+    timeout=3.0, retries=2, backoff=0.01, max_bytes=100_000, workers=4, allow_private=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +243,7 @@ def run_download(csv_path: Path, out: Path, *extra: str):
     return CliRunner().invoke(
         cli,
         ["download", "--csv_file", str(csv_path), "--output-dir", str(out),
-         "--retries", "0", "--timeout", "3", *extra],
+         "--retries", "0", "--timeout", "3", "--allow-private", *extra],
     )  # fmt: skip
 
 

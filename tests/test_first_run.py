@@ -34,7 +34,7 @@ from imagefinder.model.weights import torchvision_state_dict
 from imagefinder.store import open_store
 
 FAKE = fake_model.NAME
-QUICK = DownloadOptions(timeout=3.0, retries=2, backoff=0.01, workers=4)
+QUICK = DownloadOptions(timeout=3.0, retries=2, backoff=0.01, workers=4, allow_private=True)
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -340,7 +340,7 @@ def download(csv_rows: list[tuple[str, str]], tmp_path: Path, *more: str):
 def test_connection_refused_is_named_and_the_run_fails(tmp_path):
     port = free_port()  # nothing listens there
     rows = [(f"http://127.0.0.1:{port}/{i}.jpg", f"r{i}") for i in range(3)]
-    result, csv_path, manifest = download(rows, tmp_path, "--retries", "1")
+    result, csv_path, manifest = download(rows, tmp_path, "--retries", "1", "--allow-private")
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert (

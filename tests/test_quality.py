@@ -22,19 +22,21 @@ from imagefinder.cli import cli
 from imagefinder.config import Settings
 from imagefinder.server.app import create_app
 
+pytestmark = pytest.mark.slow
+
 K = 3
 MIN_PRECISION = 0.85
 MIN_MAP = 0.82
 
 
 @pytest.fixture(scope="module")
-def api_quality(caltech_index, caltech_dir) -> tuple[float, float]:
+def api_quality(caltech_lite2_index, caltech_dir) -> tuple[float, float]:
     """Leave-one-out (precision@3, mAP@100) of the API over every indexed photo."""
     photos = sorted(caltech_dir.glob("*/*.jpg"))
     assert len(photos) == 500
     per_class = {p.parent.name: len(list(p.parent.glob("*.jpg"))) for p in photos}
     precisions, aps = [], []
-    with TestClient(create_app(Settings(db=str(caltech_index)))) as client:
+    with TestClient(create_app(Settings(db=str(caltech_lite2_index)))) as client:
         assert client.get("/health").json()["dba"] is True
         for path in photos:
             query_id = f"{path.parent.name}/{path.stem}"
@@ -62,9 +64,9 @@ def test_api_leave_one_out_quality_with_the_offline_defaults(api_quality):
     assert mean_ap >= MIN_MAP
 
 
-def test_imagefinder_eval_agrees_with_the_api(api_quality, caltech_index, caltech_dir):
+def test_imagefinder_eval_agrees_with_the_api(api_quality, caltech_lite2_index, caltech_dir):
     result = CliRunner().invoke(
-        cli, ["eval", "--folder", str(caltech_dir), "--db", str(caltech_index), "--json"]
+        cli, ["eval", "--folder", str(caltech_dir), "--db", str(caltech_lite2_index), "--json"]
     )
     assert result.exit_code == 0, result.output
     rows = {(r["expand"], r["dba"]): r for r in json.loads(result.output)}

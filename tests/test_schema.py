@@ -1,5 +1,5 @@
 """Schemathesis against the app's own OpenAPI schema, in-process (ASGI, no network),
-over a small real index: generated requests, valid and invalid, to every operation.
+over a small real index (embedded with the tests' fake model): generated requests, valid and invalid, to every operation.
 
 No answer may be a 5xx, and every answer must match what the schema promises
 (status codes, content types, bodies, headers). Bounded: 25 examples per operation.
@@ -7,6 +7,7 @@ No answer may be a 5xx, and every answer must match what the schema promises
 
 from __future__ import annotations
 
+import fake_model
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +33,7 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, lite0):
+def app(tmp_path_factory, model):
     root = tmp_path_factory.mktemp("schema")
     folder = root / "images"
     (folder / "sub").mkdir(parents=True)
@@ -42,15 +43,15 @@ def app(tmp_path_factory, lite0):
     settings = Settings(
         db=str(root / "index.db"),
         images_dir=str(folder),
-        model="efficientnet-lite0",
+        model=fake_model.NAME,
         api_token=TOKEN,
         max_upload_bytes=256 * 1024,
     )
     store = open_store(settings.db)
-    assert index_folder(folder, store, lite0).indexed == 3
+    assert index_folder(folder, store, model).indexed == 3
     store.close()
     service = Service(settings)
-    service.embedder = lite0
+    service.embedder = model
     yield create_app(service=service)
     service.close()
 

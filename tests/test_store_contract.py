@@ -217,30 +217,30 @@ def test_searches_from_many_threads_at_once(filled):
     assert found == [f"img{i:03d}" for i in range(64)]
 
 
-def test_incremental_extraction_and_prune(db_location, tmp_path, lite0):
+def test_incremental_extraction_and_prune(db_location, tmp_path, model):
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, color in [("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))]:
         (folder / f"{name}.jpg").write_bytes(image_bytes((96, 80), color))
     store = open_store(db_location)
     try:
-        first = index_folder(folder, store, lite0)
+        first = index_folder(folder, store, model)
         assert (first.indexed, first.unchanged) == (3, 0)
-        again = index_folder(folder, store, lite0)
+        again = index_folder(folder, store, model)
         assert (again.indexed, again.unchanged) == (0, 3)
 
         (folder / "b.jpg").write_bytes(image_bytes((96, 80), (250, 250, 0)))
         os.utime(folder / "b.jpg", ns=(1, 10**9))
         (folder / "c.jpg").unlink()
-        changed = index_folder(folder, store, lite0)
+        changed = index_folder(folder, store, model)
         assert (changed.indexed, changed.unchanged, changed.missing) == (1, 1, 1)
         assert store.count() == 3
 
-        pruned = index_folder(folder, store, lite0, prune=True)
+        pruned = index_folder(folder, store, model, prune=True)
         assert pruned.pruned == 1
         assert sorted(store.file_states()) == ["a", "b"]
         assert store.file_states()["b"].mtime_ns == 10**9
-        query = lite0.embed_batch([_open(folder / "b.jpg")])[0]
+        query = model.embed_batch([_open(folder / "b.jpg")])[0]
         assert store.knn(query, 1)[0][0] == "b"
     finally:
         store.close()

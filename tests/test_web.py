@@ -1,7 +1,8 @@
 """The browsing routes: the page, catalogue images, cached thumbnails, similar images.
 
-Most tests run over a tiny catalogue of PIL images indexed with the real
-efficientnet-lite0; the similar-image tests use the Caltech photos.
+Most tests run over a tiny catalogue of PIL images; the similar-image tests use the
+Caltech photos. Both are indexed with the tests' fake model: these routes serve files
+and neighbours, whatever model made the vectors.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from support import assert_error, image_bytes
 
 from imagefinder.config import Settings
 from imagefinder.indexer import index_folder
+from imagefinder.redact import public_path
 from imagefinder.server.app import create_app
 from imagefinder.server.thumbs import SIDE, cache_dir
 from imagefinder.service import Service
 from imagefinder.store import is_postgres, open_store
 
 
-def build_catalogue(settings: Settings, lite0) -> Path:
+def build_catalogue(settings: Settings, model) -> Path:
     """Three real images, one in a sub-folder so its id has a '/', indexed."""
     folder = Path(settings.images_dir)
     (folder / "red").mkdir(parents=True)
@@ -34,7 +36,7 @@ def build_catalogue(settings: Settings, lite0) -> Path:
     (folder / "two.png").write_bytes(image_bytes((90, 300), (30, 160, 60), fmt="PNG"))
     (folder / "three.gif").write_bytes(image_bytes((64, 64), (30, 60, 200), fmt="GIF"))
     store = open_store(settings.db)
-    summary = index_folder(folder, store, lite0)
+    summary = index_folder(folder, store, model)
     store.close()
     assert summary.indexed == 3, summary.problems
     return folder
@@ -44,11 +46,11 @@ IDS = ("red/one", "two", "three")
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, lite0):
+def shared(tmp_path_factory, model):
     """One catalogue for the tests that only read (module-wide: indexing costs)."""
     root = tmp_path_factory.mktemp("web")
     settings = Settings(db=str(root / "index.db"), images_dir=str(root / "images"))
-    folder = build_catalogue(settings, lite0)
+    folder = build_catalogue(settings, model)
     # Without the lifespan: nothing here needs the model, so none is loaded.
     service = Service(settings)
     yield settings, folder, TestClient(create_app(service=service))
@@ -61,11 +63,11 @@ def client(shared) -> TestClient:
 
 
 @pytest.fixture
-def fresh(settings, tmp_path, lite0):
+def fresh(settings, tmp_path, model):
     """A catalogue of its own, for tests that change files or watch the cache fill."""
     if is_postgres(settings.db):
         settings = settings.with_(thumbs_dir=str(tmp_path / "thumbs"))
-    folder = build_catalogue(settings, lite0)
+    folder = build_catalogue(settings, model)
     service = Service(settings)
     yield TestClient(create_app(service=service)), folder
     service.close()
@@ -248,7 +250,10 @@ def test_without_an_index_the_answer_names_the_build_command(settings, suffix):
     finally:
         service.close()
     error = assert_error(response, 503, "index_missing")
-    assert f"extract_image_features.py --folder {settings.images_dir}" in error["message"]
+    assert (
+        f"extract_image_features.py --folder {public_path(settings.images_dir)}" in error["message"]
+    )
+    assert settings.images_dir not in error["message"]  # an absolute path: never public
 
 
 # -- ids never reach the filesystem ----------------------------------------------------

@@ -1,7 +1,8 @@
 """Writing over the API: POST /images and DELETE /images/{id}, behind a bearer token.
 
-Everything is real: the efficientnet-lite0 model, a SQLite index and a catalogue
-folder in tmp dirs, the app in-process through Starlette's TestClient.
+Everything is real but the model, the tests' fake (the model is not the point here): a
+SQLite index and a catalogue folder in tmp dirs, the app in-process through
+Starlette's TestClient.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import fake_model
 import pytest
 from fastapi.testclient import TestClient
 from support import assert_error, image_bytes
@@ -30,7 +32,7 @@ def files_under(root: Path) -> set[str]:
 
 
 @pytest.fixture
-def make_client(tmp_path, lite0):
+def make_client(tmp_path, model):
     """A client over a fresh, empty index, built from ``Settings`` overrides."""
     services = []
 
@@ -38,12 +40,12 @@ def make_client(tmp_path, lite0):
         settings = Settings(
             db=str(tmp_path / "index.db"),
             images_dir=str(tmp_path / "images"),
-            model="efficientnet-lite0",
+            model=fake_model.NAME,
             api_token=TOKEN,
         ).with_(**overrides)
         service = Service(settings)
-        if settings.model == "efficientnet-lite0":
-            service.embedder = lite0  # the session's model, instead of loading another
+        if settings.model == fake_model.NAME:
+            service.embedder = model  # the session's model, instead of loading another
         services.append(service)
         return TestClient(create_app(service=service))
 
@@ -153,7 +155,7 @@ def test_the_first_post_creates_the_index_with_the_configured_model(client, tmp_
         "bytes": len(RED),
     }
     health = client.get("/health").json()
-    assert (health["status"], health["model"], health["vectors"]) == ("ok", "efficientnet-lite0", 1)
+    assert (health["status"], health["model"], health["vectors"]) == ("ok", fake_model.NAME, 1)
     nearest = client.post("/similarity-search", files={"file": ("q.jpg", RED)}).json()["results"]
     assert nearest[0]["id"] == "red-1"
     assert nearest[0]["distance"] < 1e-3
@@ -199,10 +201,10 @@ def test_posting_an_id_again_replaces_the_image_file_and_vector(client, tmp_path
     assert found["results"][0]["distance"] < 1e-3
 
 
-def test_an_extract_over_the_catalogue_folder_sees_api_writes_as_unchanged(client, tmp_path, lite0):
+def test_an_extract_over_the_catalogue_folder_sees_api_writes_as_unchanged(client, tmp_path, model):
     for i in range(3):
         post(client, f"p{i}", image_bytes((50 + i, 40), (40 * i, 90, 20)), headers=AUTH)
-    summary = index_folder(tmp_path / "images", open_store(tmp_path / "index.db"), lite0)
+    summary = index_folder(tmp_path / "images", open_store(tmp_path / "index.db"), model)
     assert (summary.indexed, summary.unchanged, summary.skipped) == (0, 3, 0)
 
 
@@ -247,14 +249,14 @@ def test_delete_removes_the_row_and_the_file_it_owns(client, tmp_path):
 
 
 def test_delete_takes_ids_with_slashes_and_leaves_files_outside_the_catalogue(
-    make_client, tmp_path, lite0
+    make_client, tmp_path, model
 ):
     """A folder indexed in place has ids like ``red/one``; its files are the user's."""
     folder = tmp_path / "photos"
     (folder / "red").mkdir(parents=True)
     (folder / "red" / "one.jpg").write_bytes(RED)
     (folder / "two.png").write_bytes(BLUE_PNG)
-    index_folder(folder, open_store(tmp_path / "index.db"), lite0)
+    index_folder(folder, open_store(tmp_path / "index.db"), model)
     client = make_client()
     response = client.delete("/images/red/one", headers=AUTH)
     assert response.status_code == 200, response.text

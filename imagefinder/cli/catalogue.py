@@ -52,6 +52,19 @@ if TYPE_CHECKING:
     help="Seconds to wait for a server before retrying.",
 )
 @click.option(
+    "--deadline",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds one file may take in all: attempts, retries and a slow server.",
+)
+@click.option(
+    "--allow-private",
+    is_flag=True,
+    help="Also download from loopback, private and link-local addresses (refused by "
+    "default: a catalogue URL must not reach this machine's or this network's services).",
+)
+@click.option(
     "--retries",
     default=3,
     show_default=True,
@@ -71,6 +84,8 @@ def download(
     manifest: str | None,
     workers: int,
     timeout: float,
+    deadline: float,
+    allow_private: bool,
     retries: int,
     max_mb: int,
 ) -> None:
@@ -88,13 +103,15 @@ def download(
         max_bytes=max_mb * 1024 * 1024,
         max_pixels=settings.max_pixels,
         workers=workers,
+        deadline=deadline,
+        allow_private=allow_private,
     )
-    for row in rows:
-        if row.problem:
-            click.echo(f"skipping {csv_file}:{row.line}: {row.problem}", err=True)
     downloader = Downloader(output_dir, options)
     refused = {row.line for row in rows if row.problem}
     with Progress("Downloading", len(rows)) as progress:
+        for row in rows:
+            if row.problem:
+                progress.note(f"skipping {csv_file}:{row.line}: {row.problem}")
 
         def done(outcome: Outcome) -> None:
             if outcome.status == "failed" and outcome.line not in refused:

@@ -214,17 +214,59 @@ def copy(src: str, dst: str, batch_size: int) -> None:
 @db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
-def serve(db: str | None, host: str, port: int) -> None:
-    """Serve the HTTP API (same as `uvicorn main:app`)."""
+@click.option(
+    "--timeout-keep-alive",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 3600),
+    help="Seconds an idle kept-alive connection stays open.",
+)
+@click.option(
+    "--timeout-headers",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.5, 3600),
+    help="Seconds a client has to send its request line and headers.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(8),
+    help="Open connections at most; beyond, the longest idle one is closed "
+    "(default: what the open-file limit leaves room for, at most 4096).",
+)
+def serve(
+    db: str | None,
+    host: str,
+    port: int,
+    timeout_keep_alive: int,
+    timeout_headers: float,
+    max_connections: int | None,
+) -> None:
+    """Serve the HTTP API, hardened for public use (see README, Robustness).
+
+    The same app as `uvicorn main:app`, plus what uvicorn alone lacks: a deadline for
+    request headers, a cap on open connections that drops idle ones first, and the
+    open-file limit raised to its maximum. Upload bodies that arrive too slowly are cut
+    off by the app under either command."""
     import uvicorn
 
-    from ..server.app import create_app
+    from ..server.app import create_app, raise_file_limit
     from ..server.logs import uvicorn_log_config
+    from ..server.protocol import GuardedH11Protocol, connection_budget
 
+    raise_file_limit()  # first: the connection cap is derived from it
+    cap, backlog = connection_budget()
+    protocol = GuardedH11Protocol.configured(timeout_headers, max_connections or cap)
     settings = load_settings(db=db)
-    app = create_app(settings)
     # uvicorn's lines in the configured format; its access log gives way to the request
     # line of server/observe.py.
     uvicorn.run(
-        app, host=host, port=port, log_config=uvicorn_log_config(settings), access_log=False
+        create_app(settings),
+        host=host,
+        port=port,
+        http=protocol,
+        timeout_keep_alive=timeout_keep_alive,
+        backlog=backlog,
+        log_config=uvicorn_log_config(settings),
+        access_log=False,
     )

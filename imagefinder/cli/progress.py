@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from ..catalog import printable
+
 # Return to column 0 and erase the line: a message then replaces the bar instead of
 # being glued to it; the next update draws the bar again below the message.
 ERASE_LINE = "\r\x1b[K"
@@ -43,7 +45,9 @@ class Progress:
         self.bar.update(steps)
 
     def note(self, message: str) -> None:
-        """One line on stderr (``skipping ...``), never mixed into the bar."""
+        """One line on stderr (``skipping ...``), never mixed into the bar. Ids, urls and
+        reasons come from catalogues and servers: control characters are shown escaped,
+        so no escape sequence reaches the terminal."""
         if self.tty:
             self.file.write(ERASE_LINE)
-        click.echo(message, file=self.file)
+        click.echo(printable(message), file=self.file)

@@ -21,10 +21,12 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import ImageError, NotFound, unknown_id
 from ..images import FORMATS, sniff
+from ..redact import redact
 from ..service import Service, build_command
 from ..store import FileState
 from . import thumbs
 from .deps import IndexesDep
+from .gate import gate_of
 from .schemas import ID_ERRORS, NOT_MODIFIED, SearchParams, SearchResponse
 
 STATIC = Path(str(files("imagefinder.server") / "static"))
@@ -109,12 +111,21 @@ async def get_thumbnail(
     if cached:
         return cached
     folder = thumbs.cache_dir(service.settings, service.store)
-    try:
-        path = await run_in_threadpool(
-            thumbs.thumbnail, folder, version, state.path, service.settings.max_pixels
-        )
-    except (ImageError, OSError):
-        raise gone(service, image_id) from None
+    path = thumbs.cached(folder, version)
+    if path is None:  # made once, through the gate like any other decode
+        gate = gate_of(request)
+        try:
+            with gate.admit():
+                path = await gate.run(
+                    thumbs.thumbnail,
+                    folder,
+                    version,
+                    state.path,
+                    service.settings.max_pixels,
+                    service.decoder.load_rgb,
+                )
+        except (ImageError, OSError):
+            raise gone(service, image_id) from None
     return FileResponse(path, media_type="image/jpeg", headers=cache_headers(etag))
 
 
@@ -178,7 +189,10 @@ async def index_page(indexes: IndexesDep) -> str:
     return (
         page_html()
         .replace("{{max_upload_bytes}}", str(service.settings.max_upload_bytes))
-        .replace("{{build_command}}", html.escape(build_command(service.settings)))
+        .replace(
+            "{{build_command}}",
+            html.escape(redact(build_command(service.settings), service.settings)),
+        )
     )
 
 

@@ -12,14 +12,17 @@ from ..errors import EmptyUpload, TooLarge
 from ..service import Indexes, Service
 
 
-def get_indexes(request: Request) -> Indexes:
+# async: FastAPI runs a plain-def dependency in the thread pool, which a flood of requests
+# can fill; these must never wait behind one (/health depends on them).
+async def get_indexes(request: Request) -> Indexes:
     indexes: Indexes = request.app.state.indexes
     return indexes
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     """The default index's service (routes that take no ``index``)."""
-    return get_indexes(request).default
+    indexes: Indexes = request.app.state.indexes
+    return indexes.default
 
 
 IndexesDep = Annotated[Indexes, Depends(get_indexes)]

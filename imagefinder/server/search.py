@@ -1,17 +1,18 @@
-"""Searching: upload an image or type a text, get the nearest catalogue images; and the
-health check. Every search route takes the same options (``SearchParams``)."""
+"""Searching: upload an image or type a text, get the nearest catalogue images. Every
+search route takes the same options (``SearchParams``) and runs through the gate (the
+health check is in ``health.py``)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from .deps import IndexesDep, read_upload
-from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, Health, SearchParams, SearchResponse, TextQuery
+from .gate import GatedRoute, gate_of
+from .schemas import TEXT_ERRORS, UPLOAD_ERRORS, SearchParams, SearchResponse, TextQuery
 
-router = APIRouter()
+router = APIRouter(route_class=GatedRoute)
 
 
 @router.post(
@@ -21,6 +22,7 @@ router = APIRouter()
     summary="The k catalogue images nearest to an uploaded image",
 )
 async def similarity_search(
+    request: Request,
     indexes: IndexesDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
     params: Annotated[SearchParams, Form()],
@@ -28,8 +30,7 @@ async def similarity_search(
     service = indexes.get(params.index)
     options = params.options()
     data = await read_upload(file, service)
-    results = await run_in_threadpool(service.search_bytes, data, options)
-    return service.response(results)
+    return await gate_of(request).run(lambda: service.response(service.search_bytes(data, options)))
 
 
 @router.post(
@@ -38,12 +39,10 @@ async def similarity_search(
     responses=TEXT_ERRORS,
     summary="The k catalogue images that best match a text (indexes whose model embeds text)",
 )
-async def text_search(indexes: IndexesDep, params: Annotated[TextQuery, Form()]) -> dict[str, Any]:
+async def text_search(
+    request: Request, indexes: IndexesDep, params: Annotated[TextQuery, Form()]
+) -> dict[str, Any]:
     service = indexes.get(params.index)
-    results = await run_in_threadpool(service.search_text, params.q, params.options())
-    return service.response(results)
-
-
-@router.get("/health", response_model=Health, summary="Status, model and vector count")
-async def health(indexes: IndexesDep) -> dict[str, Any]:
-    return await run_in_threadpool(indexes.health)
+    return await gate_of(request).run(
+        lambda: service.response(service.search_text(params.q, params.options()))
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,19 @@ def version_of(image_id: str, state: FileState) -> Version:
     return Version(id_key, hashlib.sha256(stamp.encode()).hexdigest()[:20])
 
 
-def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int) -> Path:
+def cached(cache: Path, version: Version) -> Path | None:
+    """The thumbnail for ``version`` if it was made already."""
+    target = cache / version.filename
+    return target if target.is_file() else None
+
+
+def thumbnail(
+    cache: Path,
+    version: Version,
+    source: str | Path,
+    max_pixels: int,
+    decode: Callable[..., Image.Image] = load_rgb,
+) -> Path:
     """The cached thumbnail for ``version``, made from ``source`` if not there yet.
 
     Raises ImageError if ``source`` no longer decodes, OSError if it cannot be read.
@@ -65,7 +78,7 @@ def thumbnail(cache: Path, version: Version, source: str | Path, max_pixels: int
     target = cache / version.filename
     if target.is_file():
         return target
-    img = load_rgb(source, max_pixels, min_side=SIDE)
+    img = decode(source, max_pixels, min_side=SIDE)
     img.thumbnail((SIDE, SIDE), Image.Resampling.LANCZOS)
     cache.mkdir(parents=True, exist_ok=True)
     # Write then rename: concurrent requests for one image never see half a file.

@@ -18,30 +18,22 @@ load stops the write before anything is saved).
 from __future__ import annotations
 
 import hmac
-import threading
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Security, UploadFile
-from fastapi.concurrency import run_in_threadpool
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from starlette.responses import Response
 
 from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
 from ..files import save_bytes, sha256_file
-from ..images import probe, sniff
+from ..images import sniff
 from ..service import Indexes
 from ..store import Item
 from .deps import IndexesDep, read_upload
+from .gate import GatedRoute, gate_of
 from .schemas import AUTH_ERRORS, ImageDeleted, ImageWritten, errors
-
-# Placing a file and upserting its row happen under one lock, so two uploads of one
-# id cannot interleave (one's twin-removal deleting the other's file).
-_write_lock = threading.Lock()
 
 
 def check_token(request: Request) -> None:
@@ -61,18 +53,13 @@ def check_token(request: Request) -> None:
         raise Unauthorized("wrong bearer token")
 
 
-class TokenFirstRoute(APIRoute):
-    """Checks the token before FastAPI reads the body: an anonymous client cannot
-    make the server receive and parse an upload only to be refused afterwards."""
+class TokenFirstRoute(GatedRoute):
+    """Checks the token before taking a place in the gate and before FastAPI reads the
+    body: an anonymous client cannot make the server receive and parse an upload only
+    to be refused afterwards, nor hold a place another client could use."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            check_token(request)
-            return await handler(request)
-
-        return guarded
+    def before_admission(self, request: Request) -> None:
+        check_token(request)
 
 
 # Security(...) only documents the scheme in OpenAPI; TokenFirstRoute does the check.
@@ -93,13 +80,17 @@ def add_image(indexes: Indexes, image_id: str, data: bytes) -> ImageWritten:
     # The first write creates an index, so decode fully first: a broken file must not
     # leave an empty index behind. Later writes decode once, while embedding.
     exist = all(service.store.meta() for service in indexes)
-    fmt = sniff(data) if exist else probe(data, settings.max_pixels)
+    fmt = sniff(data) if exist else indexes.default.decoder.probe(data, settings.max_pixels)
     vectors = []
     for service in indexes:
         embedder = service.ensure_index()
         vectors.append((service, service.embed_upload(data, embedder)))  # a bad file stops here
     folder = Path(settings.images_dir)
-    with _write_lock:
+    # Placing the file and upserting its rows happen under the default index's write lock
+    # for this id, which every thread, worker process (and, on PostgreSQL, machine)
+    # shares: two uploads of one id never interleave (one's twin-removal deleting the
+    # other's file).
+    with indexes.default.store.write_lock(image_id):
         replaced = any(service.store.path_of(image_id) is not None for service in indexes)
         near = {service.name: service.neighbourhood([image_id]) for service in indexes}
         path = save_bytes(folder, image_id, fmt, data).resolve()
@@ -117,7 +108,9 @@ def remove_image(indexes: Indexes, image_id: str) -> ImageDeleted:
 
     Files elsewhere (a folder indexed in place) belong to the user and are left alone.
     """
-    with _write_lock:
+    if not any(service.store.meta() for service in indexes):
+        raise unknown_id(image_id)  # no index: nothing to delete, and nothing to create
+    with indexes.default.store.write_lock(image_id):
         paths = {
             service.name: service.store.path_of(image_id) if service.store.meta() else None
             for service in indexes
@@ -146,6 +139,7 @@ def remove_image(indexes: Indexes, image_id: str) -> ImageDeleted:
     summary="Add an image to the index, or replace the one with the same id",
 )
 async def post_image(
+    request: Request,
     indexes: IndexesDep,
     file: Annotated[UploadFile, File(description="An image (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
     image_id: Annotated[
@@ -153,7 +147,7 @@ async def post_image(
     ],
 ) -> ImageWritten:
     data = await read_upload(file, indexes.default)
-    return await run_in_threadpool(add_image, indexes, image_id, data)
+    return await gate_of(request).run(add_image, indexes, image_id, data)
 
 
 @router.delete(
@@ -162,5 +156,5 @@ async def post_image(
     responses={**AUTH_ERRORS, **errors(_404="Unknown id")},
     summary="Remove an image from the index",
 )
-async def delete_image(indexes: IndexesDep, image_id: str) -> ImageDeleted:
-    return await run_in_threadpool(remove_image, indexes, image_id)
+async def delete_image(request: Request, indexes: IndexesDep, image_id: str) -> ImageDeleted:
+    return await gate_of(request).run(remove_image, indexes, image_id)

@@ -4,10 +4,18 @@ behind one ``Store`` interface (``base``). ``open_store`` picks one from a locat
 from __future__ import annotations
 
 from ..errors import StoreError
-from .base import FileState, Item, Store, display_location, is_postgres
+from .base import FileState, Item, Store, display_location, is_postgres, public_location
 from .sqlite import SQLiteStore
 
-__all__ = ["FileState", "Item", "Store", "display_location", "is_postgres", "open_store"]
+__all__ = [
+    "FileState",
+    "Item",
+    "Store",
+    "display_location",
+    "is_postgres",
+    "open_store",
+    "public_location",
+]
 
 
 def open_store(

@@ -11,12 +11,15 @@ schema change is one migration appended to the store's ``migrations``, nothing e
 
 from __future__ import annotations
 
+import fcntl
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -36,6 +39,15 @@ class FileState:
     sha256: str
     size: int
     mtime_ns: int
+
+
+# What a compare-and-set write expects to find: id -> its row's state, None for no row.
+Expected = Mapping[str, "FileState | None"]
+
+
+def state_matches(current: FileState | None, expected: Expected, image_id: str) -> bool:
+    """Whether a row (None: no row) is what ``expected`` says ``image_id``'s should be."""
+    return current == expected.get(image_id)
 
 
 @dataclass(frozen=True)
@@ -118,16 +130,48 @@ class Store(ABC):
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
         """The ``fetch`` nearest (id, L2 distance), nearest first."""
 
-    @abstractmethod
-    def upsert(self, items: Iterable[Item]) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many."""
+    # Writes take an optional ``expected``: {id: the FileState read earlier, or None for
+    # "no row"}. Then each row is written only if it is still in that state, checked
+    # inside the write transaction (compare-and-set): a long run (extract) never
+    # overwrites, resurrects or deletes what another writer changed since it looked.
 
     @abstractmethod
-    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
-        """Record a new path/mtime for a file whose content did not change."""
+    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many were written."""
 
     @abstractmethod
-    def delete(self, ids: Iterable[str]) -> int: ...
+    def touch(
+        self,
+        image_id: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        expected: FileState | None = None,
+    ) -> bool:
+        """Record a new path/mtime for a file whose content did not change (only if the row
+        is still ``expected``, when given). True if it was written."""
+
+    @abstractmethod
+    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
+        """Delete ``ids`` (with ``expected``: only rows still in that state). Returns how many."""
+
+    @contextmanager
+    def write_lock(self, key: str) -> Iterator[None]:
+        """Serialise writers of ``key`` across threads and processes (the API's writes:
+        placing a file and upserting its row). A file lock beside the index by default;
+        a store shared between machines overrides it with a lock in the database."""
+        lock_path = self.lock_file()
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh open file per holder: flock() then also excludes threads of this process.
+        with open(lock_path, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def lock_file(self) -> Path:
+        raise NotImplementedError
 
     @abstractmethod
     def set_meta(self, key: str, value: str | None) -> None:
@@ -239,13 +283,65 @@ def is_postgres(location: str) -> bool:
     return str(location).startswith(("postgresql://", "postgres://"))
 
 
+# Query parameters of a libpq URL that are secrets, or paths to them.
+SECRET_PARAMS = frozenset(
+    {
+        "password",
+        "sslpassword",
+        "passfile",
+        "sslkey",
+        "sslcert",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "service",
+        "servicefile",
+        "krbsrvname",
+        "gsslib",
+    }
+)
+MASK = "***"
+
+
+def _secret_param(name: str) -> bool:
+    name = name.lower()
+    return name in SECRET_PARAMS or any(w in name for w in ("pass", "secret", "token", "key"))
+
+
 def display_location(location: str) -> str:
-    """``location`` safe to print: a PostgreSQL URL loses its password."""
+    """``location`` safe to print or log: a PostgreSQL URL keeps its user, host and
+    database, but its password and every secret query parameter (``password``,
+    ``sslpassword``, ``passfile``, ``sslkey``...) become ``***``."""
     text = str(location)
     if not is_postgres(text):
         return text
-    parts = urlsplit(text)
-    if parts.password:
+    try:
+        parts = urlsplit(text)
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
-    return urlunsplit(parts)
+        if "@" in parts.netloc:
+            user = parts.netloc.rpartition("@")[0].partition(":")[0]
+            password = ":" + MASK if ":" in parts.netloc.rpartition("@")[0] else ""
+            host = f"{user}{password}@{host}"
+        query = "&".join(
+            f"{name}={MASK}" if _secret_param(unquote(name)) else f"{name}={value}"
+            for name, _, value in (p.partition("=") for p in parts.query.split("&") if p)
+        )
+        return urlunsplit(parts._replace(netloc=host, query=query))
+    except ValueError:  # not even a URL: show nothing of it
+        return "postgresql://" + MASK
+
+
+def public_location(location: str) -> str:
+    """``location`` as an anonymous client may see it: a SQLite index by its file name,
+    a PostgreSQL one as ``postgresql://host:port/database`` (no user, no parameters: a
+    ``host=`` parameter may be a socket folder)."""
+    text = str(location)
+    if not is_postgres(text):
+        return PurePath(text).name or text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    except ValueError:
+        return "postgresql://" + MASK

@@ -33,7 +33,16 @@ import numpy as np
 
 from ..errors import IndexNotReady, StoreError
 from . import dba, ivf
-from .base import DBA_KEY, FileState, Item, Store, keyset_pages, new_meta
+from .base import (
+    DBA_KEY,
+    Expected,
+    FileState,
+    Item,
+    Store,
+    keyset_pages,
+    new_meta,
+    state_matches,
+)
 
 # For up to 10 results: the nearest int8 codes re-ranked exactly
 # (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
@@ -361,15 +370,21 @@ class SQLiteStore(Store):
 
     # -- writes ------------------------------------------------------------
 
-    def upsert(self, items: Iterable[Item]) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many."""
+    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
+        """Add or replace ``items`` in one transaction. Returns how many were written
+        (with ``expected``, rows another writer changed are left as they are)."""
         n = 0
         now = time.time()
         with self.transaction() as conn:
             mirrored: list[tuple[int, np.ndarray, bool]] | None = [] if ivf.exists(conn) else None
             for it in items:
                 blob = _blob(it.vector)
-                row = conn.execute("SELECT rowid FROM images WHERE id = ?", (it.id,)).fetchone()
+                row = conn.execute(
+                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
+                    (it.id,),
+                ).fetchone()
+                if expected is not None and not state_matches(_state(row), expected, it.id):
+                    continue
                 if row:
                     rowid = row[0]
                     conn.execute(
@@ -415,20 +430,39 @@ class SQLiteStore(Store):
             with self.transaction() as conn:
                 ivf.sync(conn, self.fast_min_rows)
 
-    def touch(self, image_id: str, path: str, size: int, mtime_ns: int) -> None:
+    def touch(
+        self,
+        image_id: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        expected: FileState | None = None,
+    ) -> bool:
         """Record a new path/mtime for a file whose content did not change."""
         with self.transaction() as conn:
+            if expected is not None:
+                row = conn.execute(
+                    "SELECT 0, path, sha256, size, mtime_ns FROM images WHERE id = ?", (image_id,)
+                ).fetchone()
+                if _state(row) != expected:
+                    return False
             conn.execute(
                 "UPDATE images SET path=?, size=?, mtime_ns=? WHERE id=?",
                 (path, size, mtime_ns, image_id),
             )
+        return True
 
-    def delete(self, ids: Iterable[str]) -> int:
+    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
         n = 0
         with self.transaction() as conn:
             mirrored = ivf.exists(conn)
             for image_id in ids:
-                row = conn.execute("SELECT rowid FROM images WHERE id = ?", (image_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
+                    (image_id,),
+                ).fetchone()
+                if expected is not None and not state_matches(_state(row), expected, image_id):
+                    continue
                 if row:
                     conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
                     conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
@@ -438,3 +472,12 @@ class SQLiteStore(Store):
             if n and not self._bulk:
                 ivf.sync(conn, self.fast_min_rows)
         return n
+
+    def lock_file(self) -> Path:
+        """The API's write lock, beside the index."""
+        return Path(f"{self.path}.writes-lock")
+
+
+def _state(row: Any) -> FileState | None:
+    """A (rowid, path, sha256, size, mtime_ns) row as a FileState."""
+    return FileState(*row[1:]) if row else None
