@@ -122,9 +122,9 @@ def test_hub_lists_are_split_at_build(tmp_path):
     assert max(sizes.values()) <= (ivf.SPLIT_CAP + 1) * n / len(sizes)
     assert recorded_sizes(store) == sizes and sum(sizes.values()) == n
     # Vectors are filed under their nearest centroid, so probing the nearest list or
-    # two finds a stored vector (after splits a vector is compared only with the
-    # centroids around its list: a few sit in their second-nearest list).
-    for nprobe, share in ((1, 0.97), (2, 0.995), (ivf.lists_for(n), 1.0)):
+    # two finds a stored vector (a list split at the very end re-files only its
+    # neighbourhood: a few vectors sit in their second-nearest list).
+    for nprobe, share in ((1, 0.98), (2, 0.995), (ivf.lists_for(n), 1.0)):
         probe = SQLiteStore(store.path, nprobe=nprobe, ef_search=10)
         found = [ids(probe.knn(vectors[i], 1)) == [f"img{i}"] for i in range(0, n, 7)]
         assert np.mean(found) >= share, nprobe

@@ -173,12 +173,8 @@ def _pages(conn: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def build(conn: Any) -> None:
     """(Re)create the structure from ``images`` in the caller's transaction: train the
-    centroids on a sample, find every vector's nearest (a first pass), split the lists
-    that came out above BUILD_CAP times the mean by k-means on a sample of their
-    members, then write the codes, each member of a split list under the nearest of its
-    parts (a second pass). Members are not compared with every centroid again: at 1M
-    that re-filing took 700 s of a 1,300 s build on this machine, and recall comes from
-    probing the nearest lists anyway (bench/results/stores-1000000.json)."""
+    centroids on a sample, file every vector under its nearest, split the lists that
+    came out far above the mean, then write the codes, a page at a time."""
     dim = int(conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()[0])
     count = conn.execute("SELECT count(*) FROM images").fetchone()[0]
     nlists = lists_for(count)
@@ -202,16 +198,12 @@ def build(conn: Any) -> None:
     del pages
     assign_s = lap()
     mean = count / nlists
-    order = np.argsort(assigned, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(assigned, minlength=nlists))])
-
-    def sample_of(j: int, size: int) -> np.ndarray:
-        members = np.sort(rowids[order[bounds[j] : bounds[j + 1]]])
-        picked = members[np.linspace(0, len(members) - 1, min(size, len(members))).astype(int)]
-        return ivflists.read_vectors(conn, np.unique(picked))
-
-    centroids, candidates = kmeans.plan_splits(
-        centroids, np.diff(bounds), sample_of, BUILD_CAP * mean, mean
+    centroids, changed = kmeans.balance(
+        centroids,
+        assigned,
+        lambda at: ivflists.read_vectors(conn, rowids[at]),
+        BUILD_CAP * mean,
+        mean,
     )
     balance_s = lap()
     drop(conn)
@@ -241,7 +233,7 @@ def build(conn: Any) -> None:
     assert lists is not None
     for page_rowids, vectors in _pages(conn):
         at = np.searchsorted(rowids, page_rowids)
-        assigned[at] = kmeans.assign_parts(vectors, assigned[at], centroids, candidates)
+        assigned[at] = kmeans.refile(vectors, assigned[at], centroids, changed)
         ivflists.file_codes(conn, lists, page_rowids.tolist(), assigned[at], vectors, count=False)
     sizes = np.bincount(assigned, minlength=len(centroids))
     conn.executemany(
@@ -249,8 +241,8 @@ def build(conn: Any) -> None:
         ((i, int(size), math.ceil(SPLIT_CAP * count / len(sizes))) for i, size in enumerate(sizes)),
     )
     write_s = lap()
-    # A part can come out above the cap that inserts keep (the parts were fitted to a
-    # sample): those few are split as an insert would split them.
+    # Re-filing drew vectors to the new centroids, and can grow a list past the cap
+    # that inserts keep: those few are split as an insert would split them.
     ivflists.split_grown(conn)
     log.info(
         "inverted file built: %d vectors, %d lists (%d from splits), largest %d; "

@@ -9,13 +9,12 @@ every search cost 0.5 s. Training on a sample does not show them (the sample's o
 points stay near the centroids fitted to them); the full assignment does.
 
 So, two remedies. ``train`` splits the most oversized lists into the slots of the
-smallest ones every iteration, as faiss does for empty clusters. Then, given every
-vector's list, ``plan_splits`` splits each list above a cap by k-means on a sample of
-its own members, into as many parts as its size needs, and ``assign_parts`` files each
-member under the nearest of its list's parts. On 200k clustered vectors with 800 lists
-(the 1M ratio), splitting took the largest list from 20,044 to 494 and the codes a
-search at nprobe=8 scans from ~21k to 2.6k, at recall@10 0.997 (a prototype that
-re-filed members among all centroids; the 1M figures are in ivf.py).
+smallest ones every iteration, as faiss does for empty clusters. Then ``balance``,
+given every vector's list, splits each list above a cap by k-means on its own members,
+into as many lists as its size needs, and re-files those members by nearest centroid;
+a few rounds, since a part can again be too large. On 200k clustered vectors with
+800 lists (the 1M ratio), the largest list went 20,044 -> 494 and the codes a search at
+nprobe=8 scans from ~21k to 2.6k, at recall@10 0.997 (see ivf.py).
 """
 
 from __future__ import annotations
@@ -29,12 +28,11 @@ ITERATIONS = 8
 # k-means on a list's members trains on at most this many per resulting list (as
 # ivf.SAMPLE_PER_LIST for the whole index).
 SAMPLE_PER_LIST = 16
+# Splitting a list can leave one of its parts still too large: so many more tries.
+SPLIT_ROUNDS = 5
 # Distances are computed for this many vectors at a time: bounded temporaries
 # (rows x lists floats) however large the index.
 BATCH = 8192
-# After splits, a vector may move only to the lists whose centroids are among this many
-# nearest to its list's centroid (before the split).
-NEIGHBOURS = 64
 
 
 def nearest(vectors: np.ndarray, centroids: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -123,73 +121,30 @@ def split_lists(
     return centroids
 
 
-def plan_splits(
+def balance(
     centroids: np.ndarray,
-    sizes: np.ndarray,
-    sample_of: Callable[[int, int], np.ndarray],
+    assigned: np.ndarray,
+    vectors_of: Callable[[np.ndarray], np.ndarray],
     cap: float,
     mean: float,
-    seed: int = 0,
-) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Centroids that split every list above ``cap`` vectors into ceil(size / ``mean``).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split every list above ``cap`` vectors, a few rounds (a split can leave one part
+    still too large). Returns the centroids and the lists whose centroid is new or
+    moved; ``assigned`` is updated in place.
 
-    ``sample_of(j, count)`` returns up to ``count`` vectors of list ``j``, spread over its
-    members; k-means on them (``SAMPLE_PER_LIST`` per part) gives the parts. The first
-    part takes the list's own number, the others are appended.
-
-    Returns the centroids and, for each list whose members may now belong elsewhere,
-    the lists they may go to (for ``assign_parts``): a split list's parts, and the
-    NEIGHBOURS centroids nearest to where its centroid was, when one of them is new or
-    moved. A vector is then compared with a few dozen centroids, not all of them: at 1M
-    re-filing against every new centroid took as long as the first assignment."""
-    rng = np.random.default_rng(seed)
-    old = centroids
-    centroids = centroids.copy()
-    added: list[np.ndarray] = []
-    parts: dict[int, np.ndarray] = {}
-    following = len(centroids)
-    for j in np.flatnonzero(sizes > cap):
-        count = max(2, math.ceil(sizes[j] / mean))
-        sub = train(sample_of(int(j), SAMPLE_PER_LIST * count), count, int(rng.integers(1 << 31)))
-        centroids[j] = sub[0]
-        added.append(sub[1:])
-        parts[int(j)] = np.array([j, *range(following, following + len(sub) - 1)])
-        following += len(sub) - 1
-    centroids = np.concatenate([centroids, *added]).astype(np.float32)
-    if not parts:
-        return centroids, {}
-    changed = np.zeros(len(centroids), dtype=bool)
-    changed[list(parts)] = changed[len(old) :] = True
-    norms = (centroids * centroids).sum(axis=1)
-    near = min(NEIGHBOURS, len(centroids) - 1)
-    candidates: dict[int, np.ndarray] = {}
-    for lo in range(0, len(old), 1024):
-        d = norms[None, :] - 2 * (old[lo : lo + 1024] @ centroids.T)
-        for i, row in enumerate(np.argpartition(d, near, axis=1)[:, : near + 1], start=lo):
-            if changed[row].any() or i in parts:
-                candidates[i] = np.union1d(row, parts.get(i, [i]))
-    return centroids, candidates
-
-
-def assign_parts(
-    vectors: np.ndarray,
-    current: np.ndarray,
-    centroids: np.ndarray,
-    candidates: dict[int, np.ndarray],
-) -> np.ndarray:
-    """Each vector's list once ``plan_splits`` has split some: a vector of a list with
-    ``candidates`` goes to the nearest of them; the others stay where ``current`` has
-    them."""
-    out = current.copy()
-    order = np.argsort(current, kind="stable")
-    lists, starts = np.unique(current[order], return_index=True)
-    for j, lo, hi in zip(lists, starts, [*starts[1:], len(order)], strict=True):
-        if int(j) in candidates:
-            at = order[lo:hi]
-            near = candidates[int(j)]
-            sub = centroids[near]
-            out[at] = near[nearest(vectors[at], sub, (sub * sub).sum(axis=1))]
-    return out
+    Only the members of split lists are re-filed: a vector elsewhere may now be nearer
+    to one of the new centroids, which the caller checks in its next pass over the
+    vectors (``refile``)."""
+    changed: set[int] = set()
+    for round_ in range(SPLIT_ROUNDS):
+        sizes = np.bincount(assigned, minlength=len(centroids))
+        big = np.flatnonzero(sizes > cap)
+        if not len(big):
+            break
+        before = len(centroids)
+        centroids = split_lists(centroids, assigned, big, vectors_of, mean, seed=round_)
+        changed |= {int(j) for j in big} | set(range(before, len(centroids)))
+    return centroids, np.array(sorted(changed), dtype=np.int64)
 
 
 def refile(
