@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import hostile_files as hostile
+import psutil
 import pytest
 import requests
 from support import LiveServer, image_bytes
@@ -71,3 +72,27 @@ def test_a_large_decode_costs_the_server_process_nothing(tmp_path, model):
         r = requests.post(server.url + "/similarity-search", files={"file": ("b", big)})
         assert r.status_code == 200, r.text
         assert rss_mb(pid, "VmHWM") - before < 32  # the 64 MB were the worker's
+
+
+@pytest.mark.sqlite_only
+def test_decoder_workers_end_when_the_server_is_killed(tmp_path, model):
+    """A SIGKILLed server leaves no decoder behind: each held ~100s of MB, forever."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(image_bytes())
+    store = open_store(tmp_path / "index.db")
+    index_folder(folder, store, model)
+    store.close()
+    env = {"IMAGEFINDER_DB": str(tmp_path / "index.db"), "IMAGEFINDER_DECODE_PROCESSES": "2"}
+    with LiveServer(env, fake_model=True, log=tmp_path / "log") as server:
+        for _ in range(3):
+            found = requests.post(
+                server.url + "/similarity-search", files={"file": ("a", image_bytes())}
+            )
+            assert found.status_code == 200, found.text
+        descendants = psutil.Process(server.proc.pid).children(recursive=True)
+        assert descendants, "the server started no decoder process"
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(descendants, timeout=15)
+        assert alive == [], [p.cmdline()[:3] for p in alive]

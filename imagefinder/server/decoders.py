@@ -11,12 +11,19 @@ hands everything they allocated back to the OS.
 Workers come from a ``forkserver`` that imports only the decoder (no torch), so each is
 small and starts in milliseconds. What crosses the pipe is the upload's bytes one way
 and a picture already shrunk to model size (about 150 KB) the other.
+
+A worker ends when the server process does, however it ends (a SIGKILL included): it
+holds both ends of its task pipe, so it would never see the server go, and wait for
+work forever, holding its memory.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import select
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -48,6 +55,34 @@ def _probe(source: bytes | str, max_pixels: int) -> str:
         memory.release()
 
 
+def _end_with(server_pid: int) -> None:
+    """Worker initializer: exit as soon as the process ``server_pid`` has ended."""
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(server_pid)
+        except ProcessLookupError:
+            os._exit(0)
+        except OSError:  # no pidfd (Linux < 5.3): poll instead
+            while _alive(server_pid):
+                time.sleep(1.0)
+        else:
+            select.select([handle], [], [])  # readable once the process has exited
+        os._exit(0)
+
+    threading.Thread(target=watch, name="end-with-server", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Decoders:
     """``load_rgb`` and ``probe`` with the work done in ``workers`` processes."""
 
@@ -62,7 +97,11 @@ class Decoders:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["imagefinder.images"])
                 self._pool = ProcessPoolExecutor(
-                    self.workers, mp_context=context, max_tasks_per_child=TASKS_PER_WORKER
+                    self.workers,
+                    mp_context=context,
+                    max_tasks_per_child=TASKS_PER_WORKER,
+                    initializer=_end_with,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 
