@@ -8,6 +8,7 @@ A server serves one or more indexes (``Indexes``), one ``Service`` each.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ from .store.base import check_compatible
 
 # How long GET /duplicates reuses a report (see Service.duplicates).
 DUPLICATES_TTL = 60.0
+log = logging.getLogger("imagefinder")
 
 
 def build_command(settings: Settings, location: str | None = None) -> str:
@@ -99,7 +101,10 @@ class Service:
         self.name = name
         self.location = location or settings.location
         self.store = store or open_store(
-            self.location, ef_search=settings.ef_search, exact=settings.exact
+            self.location,
+            ef_search=settings.ef_search,
+            exact=settings.exact,
+            nprobe=settings.nprobe,
         )
         self.embedder: Embedder | None = None
         self.decoder: Decoder = images
@@ -406,6 +411,25 @@ class Indexes:
             except (StoreError, ModelUnavailable) as e:
                 problems.append((service.name, e))
         return problems
+
+    def warm(self) -> None:
+        """Read each index's search structures into memory (``Store.warm``). A server
+        runs this in the background at start-up: searches are answered meanwhile, the
+        first ones at disk speed. A failure only costs speed, so it is logged."""
+        for service in self:
+            start = time.perf_counter()
+            try:
+                read = service.store.warm()
+            except Exception as e:  # noqa: BLE001 (warming is an optimisation)
+                log.warning("could not warm index %r: %s", service.name, e)
+                continue
+            if read:
+                log.info(
+                    "index %r warm: %.0f MB of its inverted file read in %.1f s",
+                    service.name,
+                    read / 1e6,
+                    time.perf_counter() - start,
+                )
 
     def health(self, public: bool = False) -> dict[str, Any]:
         """The default index's health at the top level (as with one index), and every

@@ -25,7 +25,6 @@ from imagefinder.errors import ModelUnavailable
 from imagefinder.indexer import index_folder
 from imagefinder.model.embedder import load_embedder
 from imagefinder.store import open_store
-from imagefinder.store.sqlite import SQLiteStore
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
 RESNET50_URL = "https://download.pytorch.org/models/" + RESNET50_FILE
@@ -225,7 +224,7 @@ def test_the_index_records_what_its_vectors_mean(photos, db_location, model):
     store = open_store(db_location)
     meta = store.meta()
     store.close()
-    assert meta["schema_version"] == str(SQLiteStore.schema_version())
+    assert meta["schema_version"] == str(store.schema_version())
     # What the model says it is (efficientnet-lite0's own answers are checked above).
     assert (meta["model"], meta["weights"], meta["dim"], meta["metric"]) == (
         fake_model.NAME, model.weights_id, str(fake_model.DIM), "l2",

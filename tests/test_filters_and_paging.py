@@ -178,21 +178,21 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture
 def large(db_location, data):
-    """20k vectors in an approximate index (SQLite from 5,000: binary pre-selection;
+    """20k vectors in an approximate index (SQLite from 5,000: the inverted file;
     PostgreSQL: HNSW), and the same index searched exactly."""
     vectors, _ = data
     store = fill(db_location, vectors)
     exact = open_store(db_location, exact=True)
     if store.kind == "sqlite":
-        assert store.search_mode() == "binary+rerank"
+        assert store.search_mode() == "ivf+rerank"
     yield store, exact
     store.close()
     exact.close()
 
 
 def test_deep_pages_keep_their_recall(large, data):
-    """A page at offset 90 comes from SQLite's pre-selection with its candidate list
-    grown with the depth (a fixed 100 candidates could not even hold the 100 results
+    """A page at offset 90 comes from SQLite's inverted file with its lists and
+    candidates grown with the depth (a fixed 100 candidates could not even hold the 100 results
     down to it); at offset 500 both stores are past what their approximate index serves
     and scan exactly. Measured against the exact search: the ranking down to the page,
     and the page itself (which a miss higher up shifts, so it is held less strictly

@@ -109,7 +109,7 @@ def search(
             Service(
                 settings,
                 open_store(location, ef_search=settings.ef_search, exact=settings.exact,
-                           create=False),
+                           nprobe=settings.nprobe, create=False),
                 name=name,
                 location=location,
             )

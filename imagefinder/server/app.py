@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -238,6 +239,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         # the message until it is fixed.
         for name, problem in await run_in_threadpool(indexes.load_models):
             log.error("cannot serve searches from index %r yet: %s", name, problem)
+        # A large SQLite index's codes (2 GB at 1M images) are read in the background:
+        # the server answers at once, its first searches at disk speed.
+        threading.Thread(target=indexes.warm, name="warm-indexes", daemon=True).start()
         try:
             yield
         finally:

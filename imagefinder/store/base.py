@@ -231,6 +231,11 @@ class Store(ABC):
     def end_bulk(self) -> None:  # noqa: B027 (optional hook)
         """The bulk write is over: (re)build whatever ``begin_bulk`` dropped."""
 
+    def warm(self) -> int:
+        """Read what searches read into memory (a server starting up), so the first
+        searches do not pay for disk reads; returns the bytes read."""
+        return 0
+
     # -- shared behaviour -----------------------------------------------------
 
     def path_of(self, image_id: str) -> str | None:

@@ -1,6 +1,6 @@
 """The SQLite index: one ``connect()``, a versioned schema, and KNN in SQL.
 
-Layout (schema version 1):
+Layout (schema version 3):
 
 - ``meta(key, value)``: schema version, model, weights, dim, metric, preprocessing.
 - ``images``: one row per id with its file path, content hash, size, mtime and a
@@ -10,8 +10,12 @@ Layout (schema version 1):
 - ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
 - ``image_metadata``: each image's metadata columns (schema version 2, see
   ``sqlite_metadata.py``), and an index on ``images.sha256``.
-- ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
-  per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
+- ``vec_ivf`` + ``ivf_centroids`` + ``ivf_lists`` + ``ivf_state``: from ``ivf.MIN_ROWS``
+  vectors on, an inverted-file index: k-means lists, an int8 code per vector, the
+  nearest lists' nearest codes re-ranked exactly (see ``ivf.py``).
+
+Schema version 3 replaced the earlier ``vec_coarse`` (one Hamming pass over every
+vector, recall@10 0.44 at 1M) with the inverted file.
 
 Every write goes through one transaction per batch, so a killed run leaves the
 index consistent and the next run resumes where it stopped.
@@ -32,7 +36,7 @@ import numpy as np
 
 from ..errors import IndexNotReady, StoreError
 from ..metadata import Metadata, Where, matches
-from . import coarse, dba
+from . import dba, ivf
 from . import sqlite_metadata as md
 from .base import (
     DBA_KEY,
@@ -45,19 +49,19 @@ from .base import (
     state_matches,
 )
 
-# Candidates the Hamming pre-selection hands to the exact re-rank, unless
-# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
-# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
-DEFAULT_CANDIDATES = 100
-# ``ef_search`` candidates serve up to this many results; a deeper search (a page at an
-# offset) takes proportionally more, up to MAX_CANDIDATES, and past it scans exactly.
-# Hamming candidates thin out with depth even at a fixed ratio (20k clustered vectors,
-# 1280-d, 20 per result: the ranking to depth 110 kept 0.998 of the exact one, to depth
-# 200 0.967, and the page at offset 190 only 0.55 of its results), while past ~2,000
-# candidates the re-rank costs as much as scanning everything (bench/paging.py).
-RESULTS_PER_EF = 5
-MAX_CANDIDATES = 2048
+# For up to 10 results: the nearest int8 codes re-ranked exactly
+# (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
+# 1M sweep (bench/results/stores-1000000.json): 8 lists and 20 candidates kept
+# recall@10 at 0.992 (16 and 40: 0.9925) at p50 11 ms against 66. Each candidate is a
+# random 8 KB read of the file, so the candidates cost more than the lists.
+DEFAULT_CANDIDATES = 20
+DEFAULT_NPROBE = 8
+# The inverted file serves a search down to this depth; a deeper one (a page far down)
+# scans exactly. Approximate candidates thin out with depth (the earlier Hamming
+# pre-selection kept only 0.55 of the page at offset 190 on 20k clustered vectors), while
+# an exact scan of 20k vectors costs no more than a deep approximate search
+# (bench/paging.py; tests/test_filters_and_paging.py checks offsets 90 and 500).
+APPROXIMATE_DEPTH = 100
 # A filter matching at most this many images is answered by an exact scan of their
 # vectors (~25 ms at 2048-d); a broader one by approximate candidates, kept if they
 # match, in a pool that grows until it holds enough (bench/paging.py).
@@ -120,13 +124,23 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
 
+def _inverted_file_replaces_coarse(conn: Any) -> None:
+    """Version 3: the inverted file replaces the earlier Hamming table. The version bump
+    also keeps older ImageFinders out: they would search a Hamming table nobody keeps
+    up to date any more, and miss neighbours without a word."""
+    conn.execute("DROP TABLE IF EXISTS vec_coarse")
+    conn.execute("DROP TABLE IF EXISTS coarse_centre")
+    ivf.sync(conn, ivf.MIN_ROWS)
+
+
 class SQLiteStore(Store):
     """The index file. Safe to share across threads: each thread gets its own connection."""
 
     kind = "sqlite"
     rebuild_hint = "rebuild it with a new --db path"
-    # Version 2: image metadata and the content-hash index.
-    migrations = (md.migrate,)
+    # Version 2: image metadata and the content-hash index. Version 3: the inverted file
+    # replaces the Hamming pre-selection.
+    migrations = (md.migrate, _inverted_file_replaces_coarse)
 
     def __init__(
         self,
@@ -134,19 +148,23 @@ class SQLiteStore(Store):
         *,
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
-        fast_min_rows: int = coarse.MIN_ROWS,
+        fast_min_rows: int = ivf.MIN_ROWS,
+        nprobe: int = DEFAULT_NPROBE,
         create: bool = True,
     ):
         self.path = Path(path)
         # False for commands that only read: a mistyped path must not leave an empty
         # index file (and its folder) behind.
         self.create = create
-        # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
-        # always scans every float vector. Writes: the coarse table exists while the
-        # index holds at least ``fast_min_rows`` vectors.
+        # Search: ``ef_search`` candidates from the ``nprobe`` nearest lists are
+        # re-ranked exactly; ``exact`` always scans every float vector. Writes: the
+        # inverted file exists while the index holds at least ``fast_min_rows`` vectors.
         self.ef_search = ef_search
+        self.nprobe = nprobe
         self.exact = exact
         self.fast_min_rows = fast_min_rows
+        # Set between begin_bulk and end_bulk: the inverted file is built once, at the end.
+        self._bulk = False
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -307,16 +325,11 @@ class SQLiteStore(Store):
             ]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
-        # A search deeper than the pre-selection can serve (a page far down) scans
-        # exactly: Hamming candidates lose recall there (bench/paging.py).
-        if self._preselects(fetch) and self.search_mode() == coarse.MODE_BINARY:
-            candidates = math.ceil(self.ef_search * max(1.0, fetch / RESULTS_PER_EF))
-            try:
-                rows = coarse.search(self.conn, _blob(vector), fetch, candidates)
-                return [(i, float(d)) for i, d in rows]
-            except Exception as e:  # dropped by a writer since search_mode() looked
-                if "no such table" not in str(e):
-                    raise
+        # A search deeper than the inverted file serves (a page far down) scans exactly.
+        if not self.exact and self._preselects(fetch):
+            found = ivf.search(self.conn, vector, fetch, self.nprobe, self.ef_search)
+            if found is not None:
+                return found
         rows = self.conn.execute(
             """WITH knn AS (
                    SELECT rowid, distance FROM vec_images
@@ -330,8 +343,8 @@ class SQLiteStore(Store):
         return [(i, float(d)) for i, d in rows]
 
     def _preselects(self, fetch: int) -> bool:
-        """Whether the binary pre-selection serves a search for ``fetch`` results."""
-        return math.ceil(self.ef_search * max(1.0, fetch / RESULTS_PER_EF)) <= MAX_CANDIDATES
+        """Whether the inverted file serves a search for ``fetch`` results."""
+        return fetch <= APPROXIMATE_DEPTH
 
     def _nearest_where(
         self, vector: np.ndarray, fetch: int, where: Where
@@ -347,7 +360,7 @@ class SQLiteStore(Store):
         matching = md.count(self.conn, where)
         if matching == 0:
             return []
-        if self.search_mode() == coarse.MODE_EXACT or matching <= FILTER_SCAN_ROWS:
+        if self.search_mode() == ivf.MODE_EXACT or matching <= FILTER_SCAN_ROWS:
             return md.scan(self.conn, blob, fetch, where)
         share = matching / max(1, self.count())
         pool = math.ceil(2 * fetch / share)
@@ -408,11 +421,22 @@ class SQLiteStore(Store):
             else:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def warm(self) -> int:
+        """The inverted file's centroids and codes (2 GB at 1M x 2048-d), through a
+        connection of its own: a server warms in the background while it answers."""
+        if not self.path.is_file():
+            return 0
+        conn = connect(self.path)
+        try:
+            return ivf.preload(conn)
+        finally:
+            conn.close()
+
     def search_mode(self) -> str:
-        """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
-        if self.exact or not self.meta() or not coarse.exists(self.conn):
-            return coarse.MODE_EXACT
-        return coarse.MODE_BINARY
+        """How ``knn`` searches now: ``exact`` or ``ivf+rerank`` (large indexes)."""
+        if self.exact or not self.meta() or not ivf.exists(self.conn):
+            return ivf.MODE_EXACT
+        return ivf.MODE_IVF
 
     # -- writes ------------------------------------------------------------
 
@@ -422,7 +446,7 @@ class SQLiteStore(Store):
         n = 0
         now = time.time()
         with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
+            mirrored: list[tuple[int, np.ndarray, bool]] | None = [] if ivf.exists(conn) else None
             for it in items:
                 blob = _blob(it.vector)
                 row = conn.execute(
@@ -448,20 +472,33 @@ class SQLiteStore(Store):
                 conn.execute(
                     "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
                 )
-                if mirrored:
-                    coarse.add(conn, rowid, blob, replacing=row is not None)
+                if mirrored is not None:
+                    mirrored.append((rowid, it.vector, row is not None))
                 n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
+            if mirrored:
+                ivf.add(conn, mirrored)
+            if n and not self._bulk:
+                ivf.sync(conn, self.fast_min_rows)
         return n
 
-    # vec0 has no index to drop: bulk loads need no preparation (begin_bulk).
+    def begin_bulk(self, expected: int) -> None:
+        """A load that at least doubles the index drops the inverted file and builds it
+        once in ``end_bulk``, rather than at every doubling on the way (searches meanwhile
+        are exact). A crash in between leaves no inverted file: the next write builds it."""
+        self._bulk = False
+        if not self.meta() or expected < max(self.count(), 1):
+            return
+        self._bulk = True
+        with self.transaction() as conn:
+            ivf.drop(conn)
+
     def end_bulk(self) -> None:
-        # An index built before the coarse table existed (or by a writer with another
-        # threshold) gets it now.
+        # Also gives an index built before the inverted file existed (or by a writer
+        # with another threshold) its inverted file.
+        self._bulk = False
         if self.meta():
             with self.transaction() as conn:
-                coarse.sync(conn, self.fast_min_rows)
+                ivf.sync(conn, self.fast_min_rows)
 
     def touch(
         self,
@@ -488,7 +525,7 @@ class SQLiteStore(Store):
     def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
         n = 0
         with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
+            mirrored = ivf.exists(conn)
             for image_id in ids:
                 row = conn.execute(
                     "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
@@ -500,10 +537,10 @@ class SQLiteStore(Store):
                     conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
                     conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
                     if mirrored:
-                        coarse.remove(conn, row[0])
+                        ivf.remove(conn, row[0])
                     n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
+            if n and not self._bulk:
+                ivf.sync(conn, self.fast_min_rows)
         return n
 
     def lock_file(self) -> Path:
