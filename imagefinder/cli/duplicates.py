@@ -42,7 +42,7 @@ def duplicates(
     then the others with their distance to it.
     """
     from .. import duplicates as dup
-    from ..service import Indexes
+    from ..indexes import Indexes
 
     if level == "exact" and max_distance is not None:
         raise click.UsageError(

@@ -99,8 +99,9 @@ def search(
             filters=[f"{column}={value}" for column, value in where],
         )
     else:
+        from ..indexes import Indexes
         from ..query import SearchOptions
-        from ..service import Indexes, Service
+        from ..service import Service
         from ..store import open_store
 
         settings = load_settings(db=db)

@@ -26,8 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__, images, memory
 from ..config import Settings
 from ..errors import Busy, ImageFinderError
+from ..indexes import Indexes
 from ..redact import redact
-from ..service import Indexes, Service
+from ..service import Service
 from . import browse, docs, duplicates, health, observe, search, writes
 from .decoders import Decoders
 from .deps import error_response

@@ -11,7 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ..errors import EmptyUpload, TooLarge
-from ..service import Found, Indexes, Service
+from ..indexes import Indexes
+from ..service import Found, Service
 
 
 # async: FastAPI runs a plain-def dependency in the thread pool, which a flood of requests

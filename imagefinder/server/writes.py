@@ -30,8 +30,8 @@ from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
 from ..files import save_bytes, sha256_file
 from ..images import sniff
+from ..indexes import Indexes
 from ..metadata import MAX_FIELDS, MAX_NAME, MAX_VALUE, Metadata, clean
-from ..service import Indexes
 from ..store import Item
 from .deps import IndexesDep, read_upload
 from .gate import GatedRoute, gate_of

@@ -14,12 +14,12 @@ The planner may prefer the GIN index and an exact sort when few rows match.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..metadata import Metadata, Where
+from .pgnames import IMAGES
 
-IMAGES = "imagefinder_images"  # as postgres.IMAGES
 GIN = "imagefinder_images_metadata"
 SHA256 = "imagefinder_images_sha256"
 
@@ -87,3 +87,35 @@ def hash_groups(conn: Any) -> list[list[str]]:
             GROUP BY sha256 HAVING count(*) > 1"""
     )
     return sorted(list(r[0]) for r in rows)
+
+
+class MetadataMixin:
+    """``PGStore``'s metadata and content-hash reads and writes, through the functions
+    above."""
+
+    if TYPE_CHECKING:  # provided by PGStore
+        from contextlib import AbstractContextManager
+
+        import psycopg
+
+        def _tx(self) -> AbstractContextManager[psycopg.Connection]: ...
+        def meta(self) -> dict[str, str]: ...
+
+    def _read(self, fn: Callable[..., Any], arg: Any = None) -> Any:
+        with self._tx() as conn:
+            return fn(conn) if arg is None else fn(conn, arg)
+
+    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
+        return self._read(metadata_of, ids) if ids and self.meta() else {}
+
+    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
+        return int(self._read(set_metadata, rows)) if self.meta() else 0
+
+    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
+        return self._read(hashes_of, ids) if ids and self.meta() else {}
+
+    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return self._read(ids_with_hashes, hashes) if hashes and self.meta() else {}
+
+    def hash_groups(self) -> list[list[str]]:
+        return self._read(hash_groups) if self.meta() else []

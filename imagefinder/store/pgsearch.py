@@ -23,8 +23,8 @@ import numpy as np
 
 from ..metadata import Where
 from .pg_metadata import containment
+from .pgnames import IMAGES
 
-IMAGES = "imagefinder_images"  # as postgres.IMAGES
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # pgvector indexes at most this many dimensions of ``vector``; wider ones as halfvec.
 MAX_VECTOR_INDEX_DIM = 2000

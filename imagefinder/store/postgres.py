@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,12 +30,11 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
-from ..metadata import Metadata, Where
+from ..metadata import Where
 from . import pg_metadata as md
 from . import pgdba, pgsearch
 from .base import (
     DBA_KEY,
-    Expected,
     FileState,
     Item,
     Store,
@@ -43,14 +42,10 @@ from .base import (
     keyset_pages,
     new_meta,
 )
+from .pg_writes import Writes
+from .pgnames import HNSW, IMAGES, META, STATS
 from .pgvector import register_vector
 
-IMAGES = "imagefinder_images"
-META = "imagefinder_meta"
-# The row count, kept by every write in its own transaction: count(*) reads the whole
-# table (seconds at tens of millions), and the API asks on every search.
-STATS = "imagefinder_stats"
-HNSW = "imagefinder_images_hnsw"
 # Candidates HNSW hands to the exact re-rank, unless IMAGEFINDER_EF_SEARCH says otherwise:
 # at 200 it stays near 19 ms with recall 1.0 at 100k, where 40 reached 0.975
 # (bench/bench_stores.py).
@@ -58,9 +53,6 @@ DEFAULT_EF_SEARCH = 200
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
-# The API's per-id write lock (see write_lock).
-WRITE_LOCK = "SELECT pg_advisory_lock(hashtext('imagefinder.write'), hashtext(%s))"
-WRITE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('imagefinder.write'), hashtext(%s))"
 TABLE_EXISTS = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.relname = %s AND n.nspname = ANY (current_schemas(false)))"
@@ -78,7 +70,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-class PGStore(Store):
+class PGStore(Writes, md.MetadataMixin, Store):
     """An index in a PostgreSQL database. Safe to share across threads."""
 
     kind = "postgres"
@@ -349,121 +341,6 @@ class PGStore(Store):
             return pgsearch.statements(query, fetch, where)
         return pgsearch.statements(query, fetch, where, self._dim(), self.ef_search)
 
-    # -- writes ------------------------------------------------------------
-
-    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many were written
-        (with ``expected``, rows another writer changed are left as they are)."""
-        rows = [
-            (it.id, it.path, it.sha256, it.size, it.mtime_ns, np.asarray(it.vector, np.float32))
-            for it in items
-        ]
-        if not rows:
-            return 0
-        if expected is not None:
-            return self._upsert_if_unchanged(rows, expected)
-        with self._tx() as conn, conn.cursor() as cur:
-            # xmax is 0 on a freshly inserted row version, set on one that replaced a row:
-            # what really happened, even with another writer inserting the same id.
-            cur.executemany(
-                f"""INSERT INTO {IMAGES} (id, path, sha256, size, mtime_ns, embedding)
-                    VALUES (%s, %s, %s, %s, %s, %b)
-                    ON CONFLICT (id) DO UPDATE SET
-                        path = EXCLUDED.path, sha256 = EXCLUDED.sha256, size = EXCLUDED.size,
-                        mtime_ns = EXCLUDED.mtime_ns, embedding = EXCLUDED.embedding,
-                        updated_at = now()
-                    RETURNING xmax = 0""",
-                rows,
-                returning=True,
-            )
-            inserted = 0
-            while True:
-                inserted += sum(1 for (new,) in cur.fetchall() if new)
-                if not cur.nextset():
-                    break
-            # Last, so the one shared row stays locked only until the commit.
-            if inserted:
-                cur.execute(f"UPDATE {STATS} SET rows = rows + %s", (inserted,))
-        return len(rows)
-
-    def _upsert_if_unchanged(self, rows: list[tuple[Any, ...]], expected: Expected) -> int:
-        """Compare-and-set: a new id only if still absent (ON CONFLICT DO NOTHING), a known
-        one only if its row still holds the expected state. Under READ COMMITTED, an
-        UPDATE re-checks its WHERE against a row another transaction just changed."""
-        inserted = updated = 0
-        with self._tx() as conn, conn.cursor() as cur:
-            for row in rows:
-                state = expected.get(row[0])
-                if state is None:
-                    cur.execute(
-                        f"""INSERT INTO {IMAGES} (id, path, sha256, size, mtime_ns, embedding)
-                            VALUES (%s, %s, %s, %s, %s, %b) ON CONFLICT (id) DO NOTHING""",
-                        row,
-                    )
-                    inserted += cur.rowcount
-                else:
-                    cur.execute(
-                        f"""UPDATE {IMAGES} SET path = %s, sha256 = %s, size = %s,
-                                mtime_ns = %s, embedding = %b, updated_at = now()
-                            WHERE id = %s AND path = %s AND sha256 = %s AND size = %s
-                                AND mtime_ns = %s""",
-                        (*row[1:], row[0], state.path, state.sha256, state.size, state.mtime_ns),
-                    )
-                    updated += cur.rowcount
-            if inserted:
-                cur.execute(f"UPDATE {STATS} SET rows = rows + %s", (inserted,))
-        return inserted + updated
-
-    def touch(
-        self,
-        image_id: str,
-        path: str,
-        size: int,
-        mtime_ns: int,
-        expected: FileState | None = None,
-    ) -> bool:
-        """Record a new path/mtime for a file whose content did not change."""
-        sql = f"UPDATE {IMAGES} SET path = %s, size = %s, mtime_ns = %s WHERE id = %s"
-        params: tuple[Any, ...] = (path, size, mtime_ns, image_id)
-        if expected is not None:
-            sql += " AND path = %s AND sha256 = %s AND size = %s AND mtime_ns = %s"
-            params += (expected.path, expected.sha256, expected.size, expected.mtime_ns)
-        with self._tx() as conn:
-            return conn.execute(sql, params).rowcount > 0
-
-    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
-        ids = list(ids)
-        if not ids or not self.meta():
-            return 0
-        with self._tx() as conn:
-            if expected is None:
-                deleted = conn.execute(f"DELETE FROM {IMAGES} WHERE id = ANY(%s)", (ids,)).rowcount
-            else:
-                deleted = 0
-                for image_id in ids:
-                    state = expected.get(image_id)
-                    if state is None:
-                        continue  # expected absent: nothing to delete
-                    deleted += conn.execute(
-                        f"""DELETE FROM {IMAGES} WHERE id = %s AND path = %s AND sha256 = %s
-                            AND size = %s AND mtime_ns = %s""",
-                        (image_id, state.path, state.sha256, state.size, state.mtime_ns),
-                    ).rowcount
-            if deleted:
-                conn.execute(f"UPDATE {STATS} SET rows = rows - %s", (deleted,))
-        return deleted
-
-    @contextmanager
-    def write_lock(self, key: str) -> Iterator[None]:
-        """A session advisory lock per key, held on a connection of its own: it excludes
-        every process (and machine) sharing the database, and dies with its holder."""
-        with self._tx() as conn:
-            conn.execute(WRITE_LOCK, (key,))
-            try:
-                yield
-            finally:
-                conn.execute(WRITE_UNLOCK, (key,))
-
     # -- meta and DBA (see pgdba.py) ----------------------------------------
 
     def set_meta(self, key: str, value: str | None) -> None:
@@ -499,27 +376,6 @@ class PGStore(Store):
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self._tx() as conn:
             return pgdba.vectors(conn, pgdba.TABLE, ids) if pgdba.exists(conn) else {}
-
-    # -- metadata and content hashes (pg_metadata.py) -------------------------
-
-    def _read(self, fn: Callable[..., Any], arg: Any = None) -> Any:
-        with self._tx() as conn:
-            return fn(conn) if arg is None else fn(conn, arg)
-
-    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
-        return self._read(md.metadata_of, ids) if ids and self.meta() else {}
-
-    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
-        return int(self._read(md.set_metadata, rows)) if self.meta() else 0
-
-    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
-        return self._read(md.hashes_of, ids) if ids and self.meta() else {}
-
-    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
-        return self._read(md.ids_with_hashes, hashes) if hashes and self.meta() else {}
-
-    def hash_groups(self) -> list[list[str]]:
-        return self._read(md.hash_groups) if self.meta() else []
 
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least

@@ -27,7 +27,6 @@ import contextlib
 import math
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,14 +39,15 @@ from . import dba, ivf
 from . import sqlite_metadata as md
 from .base import (
     DBA_KEY,
-    Expected,
     FileState,
     Item,
     Store,
     keyset_pages,
     new_meta,
-    state_matches,
 )
+from .sqlite_connect import connect
+from .sqlite_writes import Writes
+from .sqlite_writes import as_blob as _blob
 
 # For up to 10 results: the nearest int8 codes re-ranked exactly
 # (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
@@ -73,57 +73,6 @@ FILTER_POOL_GROWTH = 4
 VEC_CHUNK = 256
 
 
-def _driver() -> Any:
-    """The stdlib sqlite3 if it can load extensions, else sqlean.py."""
-    probe = sqlite3.connect(":memory:")
-    try:
-        if hasattr(probe, "enable_load_extension"):
-            return sqlite3
-    finally:
-        probe.close()
-    try:
-        import sqlean
-    except ImportError:
-        raise StoreError(
-            "this Python's sqlite3 cannot load extensions, which sqlite-vec needs; "
-            "install the drop-in replacement with: pip install sqlean.py"
-        ) from None
-    return sqlean
-
-
-_DRIVER = None
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open ``path`` with sqlite-vec loaded and the pragmas every caller relies on."""
-    global _DRIVER
-    if _DRIVER is None:
-        _DRIVER = _driver()
-    import sqlite_vec
-
-    conn = _DRIVER.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    try:
-        conn.enable_load_extension(True)
-        sqlite_vec.load(conn)
-        conn.enable_load_extension(False)
-    except Exception as e:
-        conn.close()
-        raise StoreError(f"cannot load the sqlite-vec extension: {e}") from e
-    # WAL lets searches read while an extraction writes; busy_timeout makes
-    # writers queue instead of failing with "database is locked".
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    # KNN scans read every vector: through mmap they skip the page-cache copy, which
-    # halves an exact scan (SQLite clamps this to its compile-time maximum).
-    conn.execute(f"PRAGMA mmap_size = {1 << 32}")
-    return conn
-
-
-def _blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-
-
 def _inverted_file_replaces_coarse(conn: Any) -> None:
     """Version 3: the inverted file replaces the earlier Hamming table. The version bump
     also keeps older ImageFinders out: they would search a Hamming table nobody keeps
@@ -133,7 +82,7 @@ def _inverted_file_replaces_coarse(conn: Any) -> None:
     ivf.sync(conn, ivf.MIN_ROWS)
 
 
-class SQLiteStore(Store):
+class SQLiteStore(Writes, Store):
     """The index file. Safe to share across threads: each thread gets its own connection."""
 
     kind = "sqlite"
@@ -438,116 +387,6 @@ class SQLiteStore(Store):
             return ivf.MODE_EXACT
         return ivf.MODE_IVF
 
-    # -- writes ------------------------------------------------------------
-
-    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many were written
-        (with ``expected``, rows another writer changed are left as they are)."""
-        n = 0
-        now = time.time()
-        with self.transaction() as conn:
-            mirrored: list[tuple[int, np.ndarray, bool]] | None = [] if ivf.exists(conn) else None
-            for it in items:
-                blob = _blob(it.vector)
-                row = conn.execute(
-                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
-                    (it.id,),
-                ).fetchone()
-                if expected is not None and not state_matches(_state(row), expected, it.id):
-                    continue
-                if row:
-                    rowid = row[0]
-                    conn.execute(
-                        "UPDATE images SET path=?, sha256=?, size=?, mtime_ns=?, embedding=?, "
-                        "updated_at=? WHERE rowid=?",
-                        (it.path, it.sha256, it.size, it.mtime_ns, blob, now, rowid),
-                    )
-                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (rowid,))
-                else:
-                    rowid = conn.execute(
-                        "INSERT INTO images (id, path, sha256, size, mtime_ns, embedding, "
-                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (it.id, it.path, it.sha256, it.size, it.mtime_ns, blob, now),
-                    ).lastrowid
-                conn.execute(
-                    "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
-                )
-                if mirrored is not None:
-                    mirrored.append((rowid, it.vector, row is not None))
-                n += 1
-            if mirrored:
-                ivf.add(conn, mirrored)
-            if n and not self._bulk:
-                ivf.sync(conn, self.fast_min_rows)
-        return n
-
-    def begin_bulk(self, expected: int) -> None:
-        """A load that at least doubles the index drops the inverted file and builds it
-        once in ``end_bulk``, rather than at every doubling on the way (searches meanwhile
-        are exact). A crash in between leaves no inverted file: the next write builds it."""
-        self._bulk = False
-        if not self.meta() or expected < max(self.count(), 1):
-            return
-        self._bulk = True
-        with self.transaction() as conn:
-            ivf.drop(conn)
-
-    def end_bulk(self) -> None:
-        # Also gives an index built before the inverted file existed (or by a writer
-        # with another threshold) its inverted file.
-        self._bulk = False
-        if self.meta():
-            with self.transaction() as conn:
-                ivf.sync(conn, self.fast_min_rows)
-
-    def touch(
-        self,
-        image_id: str,
-        path: str,
-        size: int,
-        mtime_ns: int,
-        expected: FileState | None = None,
-    ) -> bool:
-        """Record a new path/mtime for a file whose content did not change."""
-        with self.transaction() as conn:
-            if expected is not None:
-                row = conn.execute(
-                    "SELECT 0, path, sha256, size, mtime_ns FROM images WHERE id = ?", (image_id,)
-                ).fetchone()
-                if _state(row) != expected:
-                    return False
-            conn.execute(
-                "UPDATE images SET path=?, size=?, mtime_ns=? WHERE id=?",
-                (path, size, mtime_ns, image_id),
-            )
-        return True
-
-    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
-        n = 0
-        with self.transaction() as conn:
-            mirrored = ivf.exists(conn)
-            for image_id in ids:
-                row = conn.execute(
-                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
-                    (image_id,),
-                ).fetchone()
-                if expected is not None and not state_matches(_state(row), expected, image_id):
-                    continue
-                if row:
-                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
-                    conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
-                    if mirrored:
-                        ivf.remove(conn, row[0])
-                    n += 1
-            if n and not self._bulk:
-                ivf.sync(conn, self.fast_min_rows)
-        return n
-
     def lock_file(self) -> Path:
         """The API's write lock, beside the index."""
         return Path(f"{self.path}.writes-lock")
-
-
-def _state(row: Any) -> FileState | None:
-    """A (rowid, path, sha256, size, mtime_ns) row as a FileState."""
-    return FileState(*row[1:]) if row else None
