@@ -232,12 +232,12 @@ def run_quality(quality_dbs: dict[str, str], work: Path, log) -> dict:
             entry["cosine_to_fp32_min"] = float(cos.min())
             entry["precision_at_3_fp32_queries"] = cross_precision(store, reference)
         results[label] = entry
-    # The fast KNN path on real vectors: the fp32 index with the coarse table forced on.
+    # The fast KNN path on real vectors: the fp32 index with the inverted file forced on.
     fast_db = work / "caltech-fp32-fastknn.db"
     shutil.copy(quality_dbs["fp32"], fast_db)
     forced = SQLiteStore(fast_db, fast_min_rows=1)
     forced.end_bulk()
-    assert forced.search_mode() == "binary+rerank"
+    assert forced.search_mode() == "ivf+rerank"
     report = evaluate_index(forced, CALTECH, k=3)
     exact = SQLiteStore(fast_db, exact=True)
     recall = np.mean(
@@ -247,7 +247,7 @@ def run_quality(quality_dbs: dict[str, str], work: Path, log) -> dict:
             for key, v in reference.items()
         ]
     )
-    results["fp32, binary+rerank KNN"] = {
+    results["fp32, ivf+rerank KNN"] = {
         "precision_at_3": report["precision_at_k"],
         "map": report["map"],
         "queries": report["queries"],

@@ -1,7 +1,7 @@
 """Section 4: KNN latency for k=3 over N synthetic 2048-d unit vectors.
 
 Side by side on the same vectors and queries: the project's SQL KNN (exact vec0 scan,
-and the binary pre-selection re-ranked exactly that large indexes use by default),
+and the inverted file re-ranked exactly that large indexes use by default),
 numpy brute force and faiss ``IndexFlatL2`` (a benchmark-only dependency). Recall@3 is
 against the exact answer. The vectors are shaped like CNN features
 (``support.clustered_vectors``); uniform random ones would have no real neighbours.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from support import clustered_vectors
 
-from imagefinder.store import Item, coarse
+from imagefinder.store import Item, ivf
 from imagefinder.store.sqlite import SQLiteStore
 
 DIM = 2048
@@ -88,9 +88,9 @@ def measure(path: Path, n: int, queries: int) -> list[dict]:
 
     default_mode = store.search_mode()
     truth, exact_s = timed(sql(exact), qs)
-    fast_name = f"SQLite {coarse.MODE_BINARY} ({store.ef_search} candidates)"
-    if default_mode != coarse.MODE_BINARY:
-        # Below the threshold the default is exact: build the table anyway, to compare.
+    fast_name = f"SQLite {ivf.MODE_IVF} ({store.ef_search} candidates)"
+    if default_mode != ivf.MODE_IVF:
+        # Below the threshold the default is exact: build the inverted file anyway, to compare.
         SQLiteStore(path, fast_min_rows=1).end_bulk()
         fast_name += ", forced"
     methods = {

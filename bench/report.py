@@ -322,7 +322,7 @@ def targets(r: dict) -> list[list]:
         add("/health p95 while 8 clients search < 100 ms", f"{h:.1f} ms", h < 100)
     rows = r.get("knn") or []
     big = [x for x in rows if x["n"] == 100_000]
-    fast = next((x for x in big if "binary" in x["method"]), None)
+    fast = next((x for x in big if "ivf" in x["method"]), None)
     faiss = next((x for x in big if "faiss" in x["method"]), None)
     if fast:
         add(

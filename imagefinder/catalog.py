@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .errors import CatalogError
+from .metadata import Metadata, metadata_columns, row_metadata
 
 MAX_ID_LENGTH = 128
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -84,10 +85,13 @@ class Row:
     url: str
     id: str
     problem: str | None = None
+    # The row's values in the columns beyond url and id (metadata.py).
+    metadata: Metadata = field(default_factory=dict)
 
 
 def read_catalog(path: str | Path) -> list[Row]:
-    """Read a ``url,id`` CSV. Rows that cannot be used carry a ``problem``.
+    """Read a ``url,id`` CSV (any further columns are the images' metadata). Rows that
+    cannot be used carry a ``problem``.
 
     A UTF-8 BOM and CRLF line endings (what spreadsheets write) are accepted.
     Raises CatalogError when the file as a whole is unusable.
@@ -98,6 +102,12 @@ def read_catalog(path: str | Path) -> list[Row]:
     except OSError as e:
         raise CatalogError(f"{path}: cannot read ({e.strerror or e})") from None
     return parse_catalog(data, name=str(path))
+
+
+def catalog_columns(data: bytes, name: str = "<csv>") -> list[str]:
+    """The metadata columns of a catalogue, in the header's order."""
+    header = next(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")), [])
+    return list(metadata_columns(header, name).values())
 
 
 def parse_catalog(data: bytes, name: str = "<csv>") -> list[Row]:
@@ -129,6 +139,7 @@ def parse_catalog(data: bytes, name: str = "<csv>") -> list[Row]:
             f"{', '.join(missing)}; the first line must be 'url,id'"
         )
     url_col, id_col = columns.index("url"), columns.index("id")
+    extra = metadata_columns(header, name)
 
     rows: list[Row] = []
     seen: dict[str, int] = {}
@@ -146,10 +157,11 @@ def parse_catalog(data: bytes, name: str = "<csv>") -> list[Row]:
             rows.append(Row(line, "", "", f"expected {len(columns)} columns, got {len(record)}"))
             continue
         url, image_id = record[url_col].strip(), record[id_col].strip()
-        problem = id_problem(image_id) or url_problem(url)
+        metadata, metadata_problem = row_metadata(record, extra)
+        problem = id_problem(image_id) or url_problem(url) or metadata_problem
         if problem is None and image_id in seen:
             problem = f"duplicate id {image_id!r} (first on line {seen[image_id]})"
         if problem is None:
             seen[image_id] = line
-        rows.append(Row(line, url, image_id, problem))
+        rows.append(Row(line, url, image_id, problem, metadata))
     return rows

@@ -3,6 +3,7 @@ is most of a command-line search's time; a server has it loaded already."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,37 +17,42 @@ from .errors import RemoteError
 def search(
     server: str,
     *,
-    image: Path | None = None,
+    images: Sequence[Path] = (),
     text: str | None = None,
     k: int = 3,
     index: str | None = None,
     expand: bool | None = None,
+    offset: int = 0,
+    max_distance: float | None = None,
+    filters: Sequence[str] = (),
     timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """The server's answer to ``POST /similarity-search`` with ``image`` (or
-    ``/text-search`` with ``text``): the API's JSON (``{"model", "metric", "results":
-    [{"id", "distance"}]}``). Raises RemoteError, with the server's own code and message
-    when it answered with an error."""
+    """The server's answer to ``POST /similarity-search`` with ``images`` (one, or several
+    searched as one; or ``/text-search`` with ``text``): the API's JSON (``{"model",
+    "metric", "results": [{"id", "distance", ...}], ...}``). Raises RemoteError, with the
+    server's own code and message when it answered with an error."""
     base = server.rstrip("/")
     if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
         raise RemoteError(
             f"--server {server!r} is not an http(s) URL; for example http://127.0.0.1:8000"
         )
-    form: dict[str, str] = {"k": str(k)}
+    form: list[tuple[str, str]] = [("k", str(k))]
     if index:
-        form["index"] = index
+        form.append(("index", index))
     if expand is not None:
-        form["expand"] = "true" if expand else "false"
+        form.append(("expand", "true" if expand else "false"))
+    if offset:
+        form.append(("offset", str(offset)))
+    if max_distance is not None:
+        form.append(("max_distance", repr(float(max_distance))))
+    form += [("filter", pair) for pair in filters]
     url = base + ("/text-search" if text is not None else "/similarity-search")
     try:
         if text is not None:
-            resp = requests.post(url, data={**form, "q": text}, timeout=timeout)
+            resp = requests.post(url, data=[*form, ("q", text)], timeout=timeout)
         else:
-            assert image is not None
-            with open(image, "rb") as f:
-                resp = requests.post(
-                    url, files={"file": (image.name, f)}, data=form, timeout=timeout
-                )
+            files = [("file", (image.name, image.read_bytes())) for image in images]
+            resp = requests.post(url, files=files, data=form, timeout=timeout)
     except requests.RequestException as e:
         raise RemoteError(f"cannot reach {base}: {network.explain(e, url).message}") from None
     try:

@@ -31,6 +31,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "max_upload_bytes": (1, 1 << 40),
     "max_pixels": (1, 1 << 40),
     "ef_search": (1, 100_000),
+    "nprobe": (1, 100_000),
     "max_concurrency": (1, 1024),
     "max_queue": (0, 100_000),
     "body_timeout": (1, 3600),
@@ -74,8 +75,10 @@ class Settings:
     api_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     ef_search: int | None = None  # None: each store's own default
+    # SQLite's inverted file: lists probed per 10 results (None: the store's default).
+    nprobe: int | None = None
     # Search every vector instead of through the approximate index (HNSW, or SQLite's
-    # binary pre-selection); ef_search sizes the approximate candidate list.
+    # inverted file); ef_search sizes the approximate candidate list.
     exact: bool = False
     # Thumbnail cache; empty means beside a SQLite index (<db>.thumbs), or under
     # data/thumbs/ for a server index.

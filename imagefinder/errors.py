@@ -76,7 +76,8 @@ class TooComplex(ImageError):
 
 
 class Busy(ImageFinderError):
-    """Every decoding slot is taken and the queue is full: try again shortly."""
+    """The server cannot take this work now (every decoding slot taken and the queue
+    full, or a duplicate report already being computed): try again shortly."""
 
     code = "busy"
 
@@ -114,6 +115,13 @@ class TextNotSupported(ImageFinderError):
     """A text query to an index whose model embeds images only."""
 
     code = "text_not_supported"
+
+
+class NotCalibrated(ImageFinderError):
+    """A duplicate level that needs a distance threshold the index's model (or its
+    weights) has never been calibrated for."""
+
+    code = "not_calibrated"
 
 
 class StoreError(ImageFinderError):

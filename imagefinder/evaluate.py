@@ -15,6 +15,7 @@ from . import augment, query
 from .config import Settings
 from .errors import StoreError
 from .indexer import index_folder
+from .metadata import Where
 from .model.embedder import load_embedder
 from .store import Store, open_store
 
@@ -76,8 +77,10 @@ class MatrixIndex:
         return self._dba
 
     def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = (), where: Where = ()
     ) -> list[tuple[str, float]]:
+        if where:
+            raise StoreError("an in-memory evaluation index holds no metadata to filter on")
         dist = ((self.matrix - vector) ** 2).sum(axis=1)
         for i in exclude:
             if i in self.row:

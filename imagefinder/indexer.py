@@ -27,6 +27,7 @@ from .config import DEFAULT_MAX_PIXELS
 from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
+from .metadata import read_sidecar
 from .model.embedder import Embedder
 from .store import FileState, Item, Store
 
@@ -48,6 +49,8 @@ class Summary:
     kept: int = 0
     # Images whose DBA vectors were recomputed at the end (0: DBA off, or nothing changed).
     augmented: int = 0
+    # Ids this run added (not in the index before it).
+    added: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
 
     def skip(self, item: str, reason: str) -> None:
@@ -288,6 +291,7 @@ class Writer:
         )
         self.summary.indexed += written
         self.summary.kept += len(rows) - written
+        self.summary.added += [c.id for c, _, _ in rows if self.known.get(c.id) is None]
         self.rewritten.update(c.id for c, _, _ in rows)
         self._progress(len(rows))
         return written
@@ -396,3 +400,33 @@ def finish_run(store: Store, summary: Summary) -> None:
     changed = summary.indexed or summary.pruned
     if augment.enabled(store) and (changed or augment.is_stale(store)):
         summary.augmented = augment.refresh(store)
+
+
+# The meta key recording the content hash of the metadata file last applied.
+METADATA_KEY = "metadata_sha256"
+
+
+def apply_metadata(
+    store: Store,
+    path: str | Path,
+    added: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
+) -> tuple[int, list[tuple[str, str]]]:
+    """Give the index's images their metadata from a metadata file (``metadata.py``):
+    every listed image when the file changed since it was last applied, else only the
+    images this run ``added``. Metadata set otherwise (``POST /images``) is left alone
+    until the file changes. Returns how many images were written, and the file's rows
+    that were refused."""
+    digest, rows, refused = read_sidecar(path)
+    key = METADATA_KEY + (f".{shard[0]}of{shard[1]}" if shard else "")
+    changed = store.meta().get(key) != digest
+    ids = [i for i in rows if shard is None or in_shard(i, shard)]
+    if not changed:
+        new = set(added)
+        ids = [i for i in ids if i in new]
+    written = 0
+    for start in range(0, len(ids), 1000):
+        written += store.set_metadata((i, rows[i]) for i in ids[start : start + 1000])
+    if changed:
+        store.set_meta(key, digest)
+    return written, refused

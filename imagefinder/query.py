@@ -10,10 +10,18 @@ between the query's own vector and the image's own (raw) vector, so it means the
 whatever the options: 0 is an identical picture, and identical pictures come first.
 After them the order is the re-ranked one, so distances need not increase down the
 list.
+
+Paging: a page is the slice ``[offset, offset + k)`` of that order, searched to the
+depth ``offset + k`` (at most ``MAX_DEPTH``), so page after page continues one list.
+``max_distance`` then drops the page's results farther than it (by that same raw
+distance), so fewer than k may come back. A search looks one result past its page, so
+``next_offset`` is null exactly when nothing follows. A filter (``where``, metadata column=value pairs) applies inside every KNN
+the search runs, so k results come back when k matching images exist.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +30,7 @@ import numpy as np
 
 from . import augment
 from .errors import InvalidRequest
+from .metadata import Where
 
 
 class Searchable(Protocol):
@@ -30,7 +39,7 @@ class Searchable(Protocol):
     def dba(self) -> str | None: ...
 
     def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = (), where: Where = ()
     ) -> list[tuple[str, float]]: ...
 
     def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]: ...
@@ -39,6 +48,10 @@ class Searchable(Protocol):
 
 
 MAX_K = 100
+# How deep paging reaches: k + offset at most.
+MAX_DEPTH = 1000
+# Query images in one search ("more like these").
+MAX_QUERIES = 10
 # With DBA, a search takes this many candidates beyond k from the raw vectors' index (its
 # fast path: SQLite's binary pre-selection, pgvector's HNSW) and re-ranks them by their
 # augmented vectors. An augmented vector stays near its raw one, so the true top k are
@@ -55,10 +68,48 @@ class SearchOptions:
     # αQE: one more KNN with the query moved toward its nearest images. None: the
     # server's default (IMAGEFINDER_EXPAND).
     expand: bool | None = None
+    # Results before this page (paging), and the farthest raw distance a result may be.
+    offset: int = 0
+    max_distance: float | None = None
+    # Metadata column=value pairs every result must have (metadata.parse_filter).
+    where: Where = ()
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
             raise InvalidRequest(f"k must be between 1 and {MAX_K}, not {self.k}")
+        if self.offset < 0:
+            raise InvalidRequest(f"offset must be 0 or more, not {self.offset}")
+        if self.k + self.offset > MAX_DEPTH:
+            raise InvalidRequest(
+                f"k + offset must be at most {MAX_DEPTH}, not {self.k + self.offset}: "
+                "results are ranked that deep at most"
+            )
+        if self.max_distance is not None and not (
+            math.isfinite(self.max_distance) and self.max_distance >= 0
+        ):
+            raise InvalidRequest(f"max_distance must be 0 or more, not {self.max_distance}")
+
+    @property
+    def lookahead(self) -> int:
+        """How many results to search for: one more than a page, to learn whether there
+        is a next one (none past MAX_DEPTH)."""
+        return self.k + 1 if self.offset + self.k < MAX_DEPTH else self.k
+
+    def next_offset(self, more: bool) -> int | None:
+        """The offset of the next page: None when there are no ``more`` results, or the
+        next page would pass MAX_DEPTH at this k."""
+        following = self.offset + self.k
+        if not more or following + self.k > MAX_DEPTH:
+            return None
+        return following
+
+
+def combine(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Several query images as one query: the normalised mean of their vectors, which
+    lies nearest to what they share."""
+    if len(vectors) == 1:
+        return np.asarray(vectors[0], dtype=np.float32)
+    return augment.normalise(np.mean(np.stack(vectors), axis=0))
 
 
 def check_text(text: str) -> str:
@@ -77,8 +128,14 @@ def run(
     k: int,
     expand: bool,
     exclude: Sequence[str] = (),
+    *,
+    offset: int = 0,
+    where: Where = (),
+    max_distance: float | None = None,
 ) -> list[tuple[str, float]]:
-    """The ``k`` best (id, distance) for ``vector`` in ``store`` (see the module doc).
+    """The ``k`` best (id, distance) for ``vector`` in ``store`` after the first
+    ``offset``, among the images matching ``where``, none farther than
+    ``max_distance`` (see the module doc).
 
     Plain: one KNN over the raw vectors. Re-ranked (αQE, or an index with DBA): a first
     KNN over the raw vectors finds the query's copies (the same picture, already in the
@@ -87,11 +144,32 @@ def run(
     ranking vectors (with DBA: raw-index candidates re-ranked by augmented vectors). Choosing the neighbours by their raw vectors scored a little higher
     than by their augmented ones (bench/results/quality.md).
     """
+    depth = offset + k
     augmented = store.dba() is not None
     if not expand and not augmented:
-        return store.knn(vector, k, exclude=exclude)
+        page = store.knn(vector, depth, exclude, where)[offset:]
+    else:
+        page = _reranked(store, vector, depth, expand, augmented, exclude, where)[offset:]
+        raw = store.vectors_of([i for i, _ in page])
+        page = [(i, float(np.linalg.norm(raw[i] - vector)) if i in raw else d) for i, d in page]
+    if max_distance is not None:
+        page = [(i, d) for i, d in page if d <= max_distance]
+    return page
+
+
+def _reranked(
+    store: Searchable,
+    vector: np.ndarray,
+    depth: int,
+    expand: bool,
+    augmented: bool,
+    exclude: Sequence[str],
+    where: Where,
+) -> list[tuple[str, float]]:
+    """The re-ranked order to ``depth``: the query's copies, then the rest by ranking
+    vector (distances here are to the ranking vectors; ``run`` replaces them)."""
     n = augment.QE_NEIGHBOURS
-    first = store.knn(vector, n + 2, exclude=exclude)
+    first = store.knn(vector, n + 2, exclude, where)
     copies = [(i, d) for i, d in first if d < augment.COPY_DISTANCE]
     ranking_query = vector
     near = [i for i, d in first if d >= augment.COPY_DISTANCE][:n]
@@ -100,10 +178,9 @@ def run(
         neighbours = np.stack([space[i] for i in near if i in space])
         ranking_query = augment.weighted_sum(vector, neighbours, augment.QE_ALPHA)
     skip = (*exclude, *(i for i, _ in copies))
-    ranked = _rank(store, ranking_query, k - len(copies), skip, augmented)
-    raw = store.vectors_of([i for i, _ in ranked])
-    rest = [(i, float(np.linalg.norm(raw[i] - vector)) if i in raw else d) for i, d in ranked]
-    return (copies + rest)[:k]
+    return (copies + _rank(store, ranking_query, depth - len(copies), skip, augmented, where))[
+        :depth
+    ]
 
 
 def _ranking_vectors(store: Searchable, ids: Sequence[str], augmented: bool) -> dict:
@@ -117,14 +194,19 @@ def _ranking_vectors(store: Searchable, ids: Sequence[str], augmented: bool) -> 
 
 
 def _rank(
-    store: Searchable, query: np.ndarray, k: int, exclude: Sequence[str], augmented: bool
+    store: Searchable,
+    query: np.ndarray,
+    k: int,
+    exclude: Sequence[str],
+    augmented: bool,
+    where: Where = (),
 ) -> list[tuple[str, float]]:
     """The ``k`` nearest to ``query`` by ranking vector (distances to those vectors)."""
     if k <= 0:
         return []
     if not augmented:
-        return store.knn(query, k, exclude)
-    candidates = [i for i, _ in store.knn(query, k + DBA_CANDIDATES, exclude)]
+        return store.knn(query, k, exclude, where)
+    candidates = [i for i, _ in store.knn(query, k + DBA_CANDIDATES, exclude, where)]
     space = _ranking_vectors(store, candidates, augmented)
     scored = [(i, float(np.linalg.norm(space[i] - query))) for i in candidates if i in space]
     return sorted(scored, key=lambda pair: pair[1])[:k]

@@ -2,27 +2,30 @@
 
 Which model and weights an index uses is decided here, in ``choose_model``, for
 every caller: the API's searches and writes, and the CLI's ``extract`` and ``search``.
-A server serves one or more indexes (``Indexes``), one ``Service`` each.
+A server serves one or more indexes (``indexes.Indexes``), one ``Service`` each.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL.Image import Image as PILImage
 
-from . import augment, images, query
+from . import augment, duplicates, images, query
 from .config import DEFAULT_INDEX, Settings
 from .errors import (
     IndexNotReady,
-    ModelUnavailable,
+    InvalidRequest,
     StoreError,
     TextNotSupported,
-    UnknownIndex,
     unknown_id,
 )
 from .model.embedder import Embedder, load_embedder
@@ -31,6 +34,10 @@ from .query import SearchOptions
 from .redact import redact
 from .store import Store, display_location, open_store, public_location
 from .store.base import check_compatible
+
+# How long GET /duplicates reuses a report (see Service.duplicates).
+DUPLICATES_TTL = 60.0
+log = logging.getLogger("imagefinder")
 
 
 def build_command(settings: Settings, location: str | None = None) -> str:
@@ -47,6 +54,27 @@ def weights_for_index(meta: dict[str, str], settings: Settings) -> str | None:
     if recorded in ("", "bundled"):
         return None
     return recorded
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a search searches with: one vector, and what recognises the query's copies
+    among the results (its images' content hashes and own vectors; none for a text)."""
+
+    vector: np.ndarray
+    hashes: tuple[str, ...] = ()
+    vectors: tuple[np.ndarray, ...] = ()
+    # Ids never returned: the query images themselves, when they are catalogue images.
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Found:
+    """One page of results, and what ``response`` needs to describe them."""
+
+    results: list[tuple[str, float]]
+    next_offset: int | None
+    query: Query
 
 
 class Decoder(Protocol):
@@ -71,11 +99,16 @@ class Service:
         self.name = name
         self.location = location or settings.location
         self.store = store or open_store(
-            self.location, ef_search=settings.ef_search, exact=settings.exact
+            self.location,
+            ef_search=settings.ef_search,
+            exact=settings.exact,
+            nprobe=settings.nprobe,
         )
         self.embedder: Embedder | None = None
         self.decoder: Decoder = images
         self._load_lock = threading.Lock()
+        # Duplicate reports by level: (when, image count, report).
+        self._duplicates: dict[str, tuple[float, int, duplicates.Report]] = {}
 
     def close(self) -> None:
         self.store.close()
@@ -187,30 +220,109 @@ class Service:
     def search_vector(
         self, vector: np.ndarray, options: SearchOptions, exclude: Sequence[str] = ()
     ) -> list[tuple[str, float]]:
+        return self.search(Query(vector, exclude=tuple(exclude)), options).results
+
+    def search(self, q: Query, options: SearchOptions) -> Found:
         expand = self.settings.expand if options.expand is None else options.expand
-        return query.run(self.store, vector, options.k, expand, exclude)
+        results = query.run(
+            self.store,
+            q.vector,
+            options.lookahead,
+            expand,
+            q.exclude,
+            offset=options.offset,
+            where=options.where,
+            max_distance=options.max_distance,
+        )
+        more = len(results) > options.k
+        return Found(results[: options.k], options.next_offset(more), q)
 
-    def search_bytes(self, data: bytes, options: SearchOptions) -> list[tuple[str, float]]:
-        return self.search_vector(self.embed_upload(data), options)
+    def search_bytes(self, data: bytes, options: SearchOptions) -> Found:
+        return self.search_uploads([data], options)
 
-    def search_text(self, text: str, options: SearchOptions) -> list[tuple[str, float]]:
-        return self.search_vector(self.embed_text(text), options)
+    def search_uploads(self, uploads: Sequence[bytes], options: SearchOptions) -> Found:
+        """Search with one image, or several combined ("more like these": the normalised
+        mean of their vectors). Several: those that are catalogue images (the same file
+        content) are left out of the results, being the query itself."""
+        if not 1 <= len(uploads) <= query.MAX_QUERIES:
+            raise InvalidRequest(
+                f"send between 1 and {query.MAX_QUERIES} images, not {len(uploads)}"
+            )
+        embedder = self.ready()[0]
+        vectors = tuple(self.embed_upload(data, embedder) for data in uploads)
+        hashes = tuple(hashlib.sha256(data).hexdigest() for data in uploads)
+        exclude: tuple[str, ...] = ()
+        if len(uploads) > 1:
+            own = self.store.ids_with_hashes(hashes)
+            exclude = tuple(i for ids in own.values() for i in ids)
+        return self.search(Query(query.combine(vectors), hashes, vectors, exclude), options)
 
-    def search_id(self, image_id: str, options: SearchOptions) -> list[tuple[str, float]]:
+    def search_text(self, text: str, options: SearchOptions) -> Found:
+        return self.search(Query(self.embed_text(text)), options)
+
+    def search_id(self, image_id: str, options: SearchOptions) -> Found:
         _, store = self.ready()
         vector = store.vector_of(image_id)
         if vector is None:
             raise unknown_id(image_id)
-        return self.search_vector(vector, options, exclude=(image_id,))
+        digest = store.hashes_of([image_id]).get(image_id)
+        hashes = (digest,) if digest else ()
+        return self.search(Query(vector, hashes, (vector,), (image_id,)), options)
 
-    def response(self, results: list[tuple[str, float]]) -> dict[str, Any]:
-        """A search's answer, as the API sends it and ``search --json`` prints it."""
+    def response(self, found: Found) -> dict[str, Any]:
+        """A search's answer, as the API sends it and ``search --json`` prints it: each
+        result with its metadata and its ``match`` to the query (``exact``: the same
+        file content; ``near``: within the model's calibrated near-duplicate distance of
+        a query image; else null)."""
         meta = self.store.meta()
+        ids = [i for i, _ in found.results]
+        metadata = self.store.metadata_of(ids)
+        q = found.query
+        hashes = self.store.hashes_of(ids) if q.hashes else {}
+        near = duplicates.near_distance(meta) if q.vectors else None
+        closest = {i: d for i, d in found.results}
+        if near is not None and len(q.vectors) > 1:
+            # Near to one of the query images, not to their mean.
+            raw = self.store.vectors_of(ids)
+            closest = {
+                i: min(float(np.linalg.norm(raw[i] - v)) for v in q.vectors) if i in raw else d
+                for i, d in found.results
+            }
         return {
             "model": meta.get("model", ""),
             "metric": meta.get("metric", ""),
-            "results": [{"id": i, "distance": d} for i, d in results],
+            "results": [
+                {
+                    "id": i,
+                    "distance": d,
+                    "match": duplicates.match(closest[i], hashes.get(i) in q.hashes, near),
+                    "metadata": metadata.get(i, {}),
+                }
+                for i, d in found.results
+            ],
+            "next_offset": found.next_offset,
         }
+
+    def cached_duplicates(self, level: str) -> duplicates.Report | None:
+        """The report at ``level`` if one was made in the last DUPLICATES_TTL seconds and
+        the index still holds as many images; refuses a level the index's model has no
+        distance for (NotCalibrated) first."""
+        duplicates.level_distance(self.require_index().meta(), level)
+        cached = self._duplicates.get(level)
+        if cached is None or time.monotonic() - cached[0] >= DUPLICATES_TTL:
+            return None
+        return cached[2] if cached[1] == self.store.count() else None
+
+    def duplicate_report(self, level: str) -> duplicates.Report:
+        """The index's duplicate groups at ``level``, for the API: the cached report, or
+        a new one (a pass reads every vector: tens of seconds and N x dim x 4 bytes at
+        100k images, so the server runs one at a time: server/duplicates.py)."""
+        report = self.cached_duplicates(level)
+        if report is None:
+            count = self.store.count()
+            report = duplicates.find(self.store, level)
+            self._duplicates[level] = (time.monotonic(), count, report)
+        return report
 
     def public_health(self) -> dict[str, Any]:
         """``health()`` as an anonymous client may see it: the index by its file name (or
@@ -255,60 +367,3 @@ class Service:
         if self.store.dba() is None:
             return set()
         return augment.neighbourhood(self.store, self.store.vectors_of(ids).values())
-
-
-class Indexes:
-    """The indexes a server serves, by name (``IMAGEFINDER_DB``); the first is the default."""
-
-    def __init__(self, settings: Settings, services: Sequence[Service] = ()):
-        self.settings = settings
-        self._services = {s.name: s for s in services} or {
-            name: Service(settings, name=name, location=location)
-            for name, location in settings.indexes
-        }
-
-    @property
-    def default(self) -> Service:
-        return next(iter(self._services.values()))
-
-    def get(self, name: str | None = None) -> Service:
-        if not name:
-            return self.default
-        try:
-            return self._services[name]
-        except KeyError:
-            raise UnknownIndex(
-                f"no index named {name!r} on this server; choose one of: "
-                f"{', '.join(self._services)}"
-            ) from None
-
-    def __iter__(self) -> Iterator[Service]:
-        return iter(self._services.values())
-
-    def __len__(self) -> int:
-        return len(self._services)
-
-    def load_models(self) -> list[tuple[str, Exception]]:
-        """Load every index's model now; the problems, by index name (served anyway)."""
-        problems: list[tuple[str, Exception]] = []
-        for service in self:
-            try:
-                service.load_model()
-            except (StoreError, ModelUnavailable) as e:
-                problems.append((service.name, e))
-        return problems
-
-    def health(self, public: bool = False) -> dict[str, Any]:
-        """The default index's health at the top level (as with one index), and every
-        index's under ``indexes``."""
-        each = [{"name": s.name, **(s.public_health() if public else s.health())} for s in self]
-        top = {k: v for k, v in each[0].items() if k != "name"}
-        return {**top, "indexes": each}
-
-    def public_health(self) -> dict[str, Any]:
-        """``health()`` as an anonymous client may see it (``Service.public_health``)."""
-        return self.health(public=True)
-
-    def close(self) -> None:
-        for service in self:
-            service.close()

@@ -39,7 +39,12 @@ if __name__ == "__main__":
     # another checkout), or the subprocess would test that copy's code.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from imagefinder.model.registry import Built, ModelSpec, register  # noqa: E402
+from imagefinder.model.registry import (  # noqa: E402
+    Built,
+    DuplicateThresholds,
+    ModelSpec,
+    register,
+)
 
 NAME = "fake-colour"
 DIM = 128
@@ -78,7 +83,20 @@ def build(weights: str | None) -> tuple[torch.nn.Module, str]:
     return ColourFeatures(), f"seed-{SEED}"
 
 
-SPEC = register(ModelSpec(NAME, DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build))
+SPEC = register(
+    ModelSpec(
+        NAME,
+        DIM,
+        32,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        build,
+        # Calibrated like the real models (bench/duplicates.py --model fake-colour,
+        # bench/results/duplicates.md); no pair of distinct photos is 90% likely to be of
+        # one class by colour alone, so similar is no looser than near.
+        duplicates=DuplicateThresholds(f"seed-{SEED}", near=0.1279, similar=0.1279),
+    )
+)
 
 # A second image model of another dimension: for tests of two models meeting one index.
 OTHER = "fake-colour-64"

@@ -81,7 +81,10 @@ def test_search_returns_the_three_nearest_by_default(client, indexed, caltech_di
     assert (body["model"], body["metric"]) == (fake_model.NAME, "l2")
     results = body["results"]
     assert len(results) == 3
-    assert all(isinstance(r["id"], str) and set(r) == {"id", "distance"} for r in results)
+    assert all(
+        isinstance(r["id"], str) and set(r) == {"id", "distance", "match", "metadata"}
+        for r in results
+    )
     # The photo itself is in the index: it comes first, at distance ~0.
     assert results[0]["id"] == query and results[0]["distance"] == pytest.approx(0, abs=1e-3)
     assert len({r["id"] for r in results}) == 3

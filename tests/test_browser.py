@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,9 +112,13 @@ def screenshot(page: Page, name: str) -> None:
 
 
 def test_an_upload_shows_its_nearest_catalogue_images(page, photo):
-    # The drop zone is a labelled file input, and the first stop for Tab.
-    page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.id") == "file"
+    # Tab visits the two views (Search, Duplicates), then the drop zone: a labelled file
+    # input, the first stop of the search itself.
+    stops = []
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.id"))
+    assert stops == ["nav-search", "nav-duplicates", "file"]
     assert page.get_by_label("Drop an image here").evaluate("e => e.type") == "file"
     page.set_input_files("#file", str(photo))
     ids = wait_for_cards(page, 3)  # k defaults to 3
@@ -416,3 +421,127 @@ def test_the_add_panel_starts_a_job_follows_it_and_lists_its_failures(browser, t
         assert wait_for_cards(page, 3)[0] == "shot-2"
         assert page.script_errors == []
         page.context.close()
+
+
+# -- duplicates, metadata, paging and several query images ------------------------------
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory, caltech_dir, model) -> Iterator[LiveServer]:
+    """Real photos of three classes with a ``class`` each, a re-encoded copy of one and a
+    byte copy of another, served with the fake model (calibrated like the real ones)."""
+    import shutil
+
+    from imagefinder.indexer import index_folder
+    from imagefinder.store import open_store
+
+    root = tmp_path_factory.mktemp("shop")
+    folder = root / "images"
+    folder.mkdir()
+    classes = ("pagoda", "ewer", "trilobite")
+    for name in classes:
+        for path in sorted((caltech_dir / name).glob("*.jpg"))[:6]:
+            shutil.copy(path, folder / f"{name}-{path.stem}.jpg")
+    first = sorted(folder.glob("pagoda-*.jpg"))[0]
+    Image.open(first).save(folder / "pagoda-reencoded.jpg", "JPEG", quality=40)
+    shutil.copy(sorted(folder.glob("ewer-*.jpg"))[0], folder / "ewer-copy.jpg")
+    store = open_store(str(root / "shop.db"))
+    index_folder(folder, store, model)
+    store.set_metadata(
+        (p.stem, {"class": p.stem.split("-")[0], "shelf": "top" if i % 2 else "bottom"})
+        for i, p in enumerate(sorted(folder.glob("*.jpg")))
+    )
+    store.close()
+    env = {"IMAGEFINDER_DB": str(root / "shop.db"), "IMAGEFINDER_IMAGES_DIR": str(folder)}
+    with LiveServer(env, fake_model=True) as live:
+        live.folder = folder
+        yield live
+
+
+def test_the_duplicates_view_shows_groups_as_rows(browser, shop):
+    expected = requests_json(shop.url + "/duplicates?level=near")
+    assert expected["total_groups"] >= 2
+    page = open_page(browser, shop.url)
+    page.click("#nav-duplicates")
+    wait_until(
+        page,
+        "n => document.querySelectorAll('#groups .group').length === n",
+        arg=expected["total_groups"],
+    )
+    assert page.locator("#search-view").is_hidden()
+    rows = page.eval_on_selector_all(
+        "#groups .group",
+        "gs => gs.map(g => [...g.querySelectorAll('.dup-card')].map(c => c.dataset.id))",
+    )
+    assert rows == [[i["id"] for i in g["images"]] for g in expected["groups"]]
+    wait_until(
+        page,
+        "[...document.querySelectorAll('#groups img')].every(i => i.complete && i.naturalWidth > 0)",
+    )
+    assert "distance 0." in page.inner_text("#groups")
+    screenshot(page, "duplicates.png")
+    page.select_option("#dup-level", "exact")
+    wait_until(page, "document.querySelectorAll('#groups .group').length === 1")
+    assert sorted(
+        page.eval_on_selector_all("#groups .dup-card", "cs => cs.map(c => c.dataset.id)")
+    ) == [
+        "ewer-copy",
+        "ewer-image_0001",
+    ]
+    # A member searches with itself, back on the search view.
+    page.locator("#groups .dup-card").first.click()
+    wait_for_cards(page, 3)
+    assert page.locator("#duplicates-view").is_hidden()
+    assert page.inner_text("#query-heading") in ("ewer-copy", "ewer-image_0001")
+    assert page.script_errors == []
+    page.context.close()
+
+
+def wait_until(page: Page, predicate: str, arg: object = None, timeout: float = 15.0) -> None:
+    """Poll ``predicate`` (a JS expression, or a function of ``arg``) from Python until
+    it holds: ``wait_for_function`` re-evaluates a string predicate with eval() in the
+    page after its first miss, which the page's CSP refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate, arg):
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        page.wait_for_timeout(50)
+
+
+def requests_json(url: str) -> dict:
+    import requests
+
+    response = requests.get(url, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_metadata_filters_more_results_and_several_images_on_the_page(browser, shop):
+    page = open_page(browser, shop.url)
+    photos = sorted(shop.folder.glob("pagoda-image_*.jpg"))
+    page.set_input_files("#file", [str(photos[1]), str(photos[2])])
+    ids = wait_for_cards(page, 3)
+    assert page.inner_text("#query-heading") == "Your 2 images"
+    assert photos[1].stem not in ids and photos[2].stem not in ids  # the query itself
+    # Each card shows its metadata; a value keeps only the images that share it.
+    chips = page.locator("#results .chip")
+    assert chips.count() == 6
+    page.locator("#results .chip", has_text="shelf: top").first.click()
+    wait_until(page, "!document.querySelector('#filters').hidden")
+    wait_for_cards(page, 3)
+    shelves = page.eval_on_selector_all(
+        "#results .result",
+        "rs => rs.map(r => r.querySelector('[data-column=shelf]').dataset.value)",
+    )
+    assert shelves == ["top"] * 3
+    assert "with shelf top" in page.inner_text("#results-summary")
+    # More results: the next page, below the first.
+    page.click("#more")
+    more = wait_for_cards(page, 6)
+    assert len(set(more)) == 6
+    # Removing the filter searches again without it.
+    page.click("#filter-chips .chip")
+    wait_until(page, "document.querySelector('#filters').hidden")
+    wait_for_cards(page, 3)
+    screenshot(page, "metadata.png")
+    assert page.script_errors == []
+    page.context.close()

@@ -119,8 +119,9 @@ def test_search_prints_neighbours_as_text_and_json(caltech_index, caltech_dir):
     assert text.exit_code == 0, text.output
     lines = text.output.strip().splitlines()
     assert len(lines) == 4
-    assert re.fullmatch(r"0\.0000  ewer/" + query.stem, lines[0])
-    assert all(re.fullmatch(r"\d+\.\d{4}  [\w/]+", line) for line in lines)
+    # The query is in the catalogue: it comes first, marked as the same file.
+    assert re.fullmatch(r"0\.0000  ewer/" + query.stem + r"  \[exact\]", lines[0])
+    assert all(re.fullmatch(r"\d+\.\d{4}  [\w/]+(  \[(exact|near)\])?", line) for line in lines)
 
     as_json = run("search", str(query), "--db", str(caltech_index), "--json")
     assert as_json.exit_code == 0, as_json.output

@@ -41,9 +41,12 @@ def rows(location: str) -> dict[str, tuple]:
 
 
 def meta(location: str) -> dict[str, str]:
+    """The index's meta, less its schema version, which is each store's own."""
     store = open_store(location)
     try:
-        return store.meta()
+        found = store.meta()
+        assert found.pop("schema_version") == str(store.schema_version())
+        return found
     finally:
         store.close()
 

@@ -25,7 +25,6 @@ from imagefinder.errors import ModelUnavailable
 from imagefinder.indexer import index_folder
 from imagefinder.model.embedder import load_embedder
 from imagefinder.store import open_store
-from imagefinder.store.sqlite import SQLiteStore
 
 RESNET50_FILE = "resnet50-0676ba61.pth"
 RESNET50_URL = "https://download.pytorch.org/models/" + RESNET50_FILE
@@ -225,7 +224,7 @@ def test_the_index_records_what_its_vectors_mean(photos, db_location, model):
     store = open_store(db_location)
     meta = store.meta()
     store.close()
-    assert meta["schema_version"] == str(SQLiteStore.schema_version())
+    assert meta["schema_version"] == str(store.schema_version())
     # What the model says it is (efficientnet-lite0's own answers are checked above).
     assert (meta["model"], meta["weights"], meta["dim"], meta["metric"]) == (
         fake_model.NAME, model.weights_id, str(fake_model.DIM), "l2",
@@ -339,7 +338,7 @@ def test_extract_with_a_resnet50_weights_file(photos, tmp_path, resnet50_weights
     # Searching (the API's code path) reloads the very file the index records.
     found = CliRunner().invoke(cli, ["search", str(one[0]), "--db", db, "-k", "1"])
     assert found.exit_code == 0, found.output
-    assert found.output == f"0.0000  {one[0].stem}\n"
+    assert found.output == f"0.0000  {one[0].stem}  [exact]\n"  # the query's own file
 
 
 def test_imagefinder_weights_is_the_same_as_weights(photos, tmp_path, resnet50_weights):

@@ -424,7 +424,7 @@ def test_search_through_a_running_server_answers_like_a_local_search(tmp_path):
     assert "imagefinder.cli" in imported and "torch" not in imported
     assert remote.exit_code == 0, remote.output
     assert remote.stdout == local.stdout
-    assert remote.stdout.splitlines()[0] == "0.0000  p2"
+    assert remote.stdout.splitlines()[0] == "0.0000  p2  [exact]"  # the query itself
     assert refused.exit_code == 1
     assert refused.stderr.startswith(f"Error: {server.url} answered 400: not a supported image")
 

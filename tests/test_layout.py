@@ -8,13 +8,8 @@ import pytest
 from imagefinder import errors
 from imagefinder.server.app import STATUS
 from imagefinder.store import open_store
-from imagefinder.store.postgres import PGStore
-from imagefinder.store.sqlite import SQLiteStore
 
 IDENTITY = {"model": "toy", "weights": "w1", "dim": "4", "preprocessing": "none"}
-# Both stores are at the same schema version: this one.
-CURRENT = SQLiteStore.schema_version()
-assert PGStore.schema_version() == CURRENT
 
 
 def all_subclasses(cls):
@@ -59,8 +54,9 @@ def columns(store) -> set[str]:
 
 def test_a_new_index_is_created_through_every_migration(db_location):
     store, calls = with_migration(open_store(db_location))
+    current = type(store).schema_version()
     store.ensure_schema(IDENTITY)
-    assert store.meta()["schema_version"] == str(CURRENT + 1)
+    assert store.meta()["schema_version"] == str(current)
     assert "tags" in columns(store) and calls == [1]
     store.close()
 
@@ -68,10 +64,11 @@ def test_a_new_index_is_created_through_every_migration(db_location):
 def test_an_older_index_is_migrated_once_when_opened(db_location):
     old = open_store(db_location)
     old.ensure_schema(IDENTITY)
-    assert old.meta()["schema_version"] == str(CURRENT)
+    previous = type(old).schema_version()
+    assert old.meta()["schema_version"] == str(previous)
     old.close()
     store, calls = with_migration(open_store(db_location))
-    assert store.meta()["schema_version"] == str(CURRENT + 1)
+    assert store.meta()["schema_version"] == str(previous + 1)
     store.ensure_schema(IDENTITY)  # already migrated: nothing runs twice
     assert calls == [1] and "tags" in columns(store)
     store.close()
@@ -82,9 +79,10 @@ def test_an_index_from_a_newer_imagefinder_is_refused(db_location):
     store.ensure_schema(IDENTITY)
     store.close()
     older = open_store(db_location)
+    current = type(older).schema_version()
     with pytest.raises(
         errors.StoreError,
-        match=f"schema version {CURRENT + 1}, this ImageFinder reads version {CURRENT}",
+        match=f"schema version {current + 1}, this ImageFinder reads version {current}",
     ):
         older.meta()
     older.close()

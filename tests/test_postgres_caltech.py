@@ -53,7 +53,7 @@ def exact_answers(url: str, ids: list[str], k: int) -> dict[str, list[tuple[str,
     server's other defaults (DBA, αQE) alike."""
     service = Service(Settings(db=url, exact=True))
     try:
-        return {own: service.search_id(own, SearchOptions(k=k)) for own in ids}
+        return {own: service.search_id(own, SearchOptions(k=k)).results for own in ids}
     finally:
         service.close()
 

@@ -80,3 +80,30 @@ def test_imagefinder_eval_agrees_with_the_api(api_quality, caltech_lite2_index, 
     # Each gain on its own beats the plain baseline; together they beat either alone.
     plain, qe, dba = rows[(False, False)], rows[(True, False)], rows[(False, True)]
     assert plain["map"] < min(qe["map"], dba["map"]) <= max(qe["map"], dba["map"]) < served["map"]
+
+
+def test_several_query_images_rank_their_shared_class_first(caltech_lite2_index, caltech_dir):
+    """ "More like these": three photos of one class, uploaded together, for each of the 25
+    classes. The combined query (the normalised mean of their vectors) must leave the
+    three out and rank their class first, at least as well as each photo alone does."""
+    k = 10
+    combined, alone = [], []
+    with TestClient(create_app(Settings(db=str(caltech_lite2_index)))) as client:
+        for folder in sorted(p for p in caltech_dir.iterdir() if p.is_dir()):
+            photos = sorted(folder.glob("*.jpg"))[:3]
+            own = {f"{folder.name}/{p.stem}" for p in photos}
+            files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+            response = client.post("/similarity-search", files=files, data={"k": str(k)})
+            assert response.status_code == 200, response.text
+            ids = [r["id"] for r in response.json()["results"]]
+            assert len(ids) == k and not own & set(ids)
+            combined.append(np.mean([i.split("/")[0] == folder.name for i in ids]))
+            for path in photos:
+                single = client.post(
+                    "/similarity-search",
+                    files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                    data={"k": str(k + 1)},
+                ).json()["results"][1:]  # its own entry leads: drop it
+                alone.append(np.mean([r["id"].split("/")[0] == folder.name for r in single]))
+    print(f"precision@{k}: three together {np.mean(combined):.4f}, each alone {np.mean(alone):.4f}")
+    assert np.mean(combined) >= max(np.mean(alone), 0.9)

@@ -96,7 +96,7 @@ def test_a_text_finds_the_pictures_it_describes(both, colour):
 def test_the_text_route_returns_k_results_in_the_search_shape(both, k):
     body = text_search(both, "green", index="text", k=k).json()
     assert len(body["results"]) == min(int(k), 18)
-    assert all(set(r) == {"id", "distance"} for r in body["results"])
+    assert all(set(r) == {"id", "distance", "match", "metadata"} for r in body["results"])
 
 
 def test_text_and_image_vectors_share_one_space(clip_model):
@@ -167,7 +167,9 @@ def test_index_selects_each_index_and_the_first_is_the_default(both, catalogue):
         )
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["results"][0] == {"id": "blue/blue1", "distance": pytest.approx(0, abs=1e-4)}
+        first = body["results"][0]
+        assert (first["id"], first["match"]) == ("blue/blue1", "exact")
+        assert first["distance"] == pytest.approx(0, abs=1e-4)
         models[index] = body["model"]
     assert models == {
         None: fake_model.NAME,

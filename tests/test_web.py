@@ -328,7 +328,7 @@ def test_similar_has_the_search_shape_and_excludes_the_image_itself(caltech_clie
         files={"file": ("q.jpg", (caltech_dir / "pagoda" / "image_0004.jpg").read_bytes())},
         data={"k": "6"},
     ).json()
-    assert set(body) == set(upload) == {"model", "metric", "results"}
+    assert set(body) == set(upload) == {"model", "metric", "results", "next_offset"}
     assert (body["model"], body["metric"]) == (upload["model"], upload["metric"])
     ids = [r["id"] for r in body["results"]]
     assert len(ids) == 5 and "pagoda/image_0004" not in ids

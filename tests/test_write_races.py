@@ -266,8 +266,9 @@ def test_a_later_full_extract_of_another_folder_wins_for_the_ids_it_holds(tmp_pa
     replacement of such an id is replaced back; an API delete of one is undone while its
     file is still there. Ids only the API knows are left alone."""
     from imagefinder.config import Settings
+    from imagefinder.indexes import Indexes
     from imagefinder.server.writes import add_image, remove_image
-    from imagefinder.service import Indexes, Service
+    from imagefinder.service import Service
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .base import CONTEXT
 from .catalogue import download, extract
+from .duplicates import duplicates
 from .index import copy, evaluate, info, search, serve
 from .ingest import ingest
 
@@ -23,7 +24,7 @@ def cli() -> None:
     """
 
 
-for _command in (download, extract, ingest, search, info, evaluate, copy, serve):
+for _command in (download, extract, ingest, search, duplicates, info, evaluate, copy, serve):
     cli.add_command(_command)
 
 

@@ -56,7 +56,13 @@ def open_index(location: str, settings: Settings | None = None) -> Store:
     from ..store import display_location, open_store
 
     settings = settings or Settings()
-    store = open_store(location, ef_search=settings.ef_search, exact=settings.exact, create=False)
+    store = open_store(
+        location,
+        ef_search=settings.ef_search,
+        exact=settings.exact,
+        nprobe=settings.nprobe,
+        create=False,
+    )
     if not store.meta():
         store.close()
         shown = display_location(location)

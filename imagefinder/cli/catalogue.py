@@ -89,9 +89,14 @@ def download(
     retries: int,
     max_mb: int,
 ) -> None:
-    """Download every image listed in a CSV of `url,id` rows."""
-    from ..catalog import read_catalog
+    """Download every image listed in a CSV of `url,id` rows.
+
+    Further columns (category, brand, price...) are the images' metadata: they are
+    written to metadata.csv in the output folder, which `extract` reads.
+    """
+    from ..catalog import catalog_columns, read_catalog
     from ..download import Downloader, DownloadOptions, write_manifest
+    from ..metadata import SIDECAR, write_sidecar
 
     if not Path(csv_file).is_file():
         raise click.UsageError(f"{csv_file}: no such file; pass the catalogue CSV with --csv_file")
@@ -123,6 +128,13 @@ def download(
         outcomes = downloader.run(rows, on_done=done)
     manifest_path = Path(manifest or Path(output_dir) / "manifest.csv")
     write_manifest(manifest_path, outcomes)
+    # A CSV without metadata columns still rewrites an earlier sidecar: the CSV is the
+    # source of its images' metadata, and its columns may have been removed.
+    columns = catalog_columns(Path(csv_file).read_bytes(), csv_file)
+    sidecar = Path(output_dir) / SIDECAR
+    if columns or sidecar.exists():
+        write_sidecar(sidecar, columns, ((r.id, r.metadata) for r in rows if not r.problem))
+        click.echo(f"metadata ({', '.join(columns) or 'no columns'}): {sidecar}", err=True)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("downloaded", "skipped", "failed")}
     click.echo(
         f"{counts['downloaded']} downloaded, {counts['skipped']} skipped (already there), "
@@ -193,6 +205,15 @@ def parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--prune", is_flag=True, help="Delete index rows whose files are gone.")
 @click.option("--shard", help="Index only shard i of n (by a stable hash of the id), e.g. 0/4.")
 @click.option(
+    "--metadata",
+    "metadata_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV of the images' metadata: an 'id' column and one column per field (the "
+    "catalogue CSV will do). Default: metadata.csv in FOLDER, as `download` writes it. "
+    "Applied to every listed image when the file changed since the last run, else to "
+    "new images only.",
+)
+@click.option(
     "--dba/--no-dba",
     default=None,
     help="Turn database-side augmentation on or off for this index (kept in the index; "
@@ -208,10 +229,12 @@ def extract(
     workers: int,
     prune: bool,
     shard: str | None,
+    metadata_file: str | None,
     dba: bool | None,
 ) -> None:
     """Embed every image in a folder into the index, incrementally."""
-    from ..indexer import calibration_sample, in_shard, index_folder
+    from ..indexer import apply_metadata, calibration_sample, in_shard, index_folder
+    from ..metadata import SIDECAR
     from ..service import Service
 
     shard_spec = parse_shard(shard)
@@ -240,6 +263,13 @@ def extract(
             on_progress=progress.update,
             on_skip=lambda path, reason: progress.note(f"skipping {path}: {reason}"),
         )
+    sidecar = Path(metadata_file) if metadata_file else Path(folder) / SIDECAR
+    if sidecar.is_file():
+        written, refused = apply_metadata(store, sidecar, summary.added, shard_spec)
+        for where, reason in refused:
+            click.echo(f"skipping {where}: {reason}", err=True)
+        if written:
+            click.echo(f"metadata: {written} images updated from {sidecar}", err=True)
     total = store.count()
     store.close()
     click.echo(f"{summary.line()}; index {store.location} now holds {total} images")

@@ -14,8 +14,8 @@ from .progress import Progress
 
 
 @command()
-@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
-@click.option("--text", help="Search by a text instead of IMAGE (indexes of a text model).")
+@click.argument("images", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--text", help="Search by a text instead of IMAGES (indexes of a text model).")
 @db_option
 @click.option(
     "--index", help="With several indexes in $IMAGEFINDER_DB: which one (default: the first)."
@@ -30,24 +30,56 @@ from .progress import Progress
     "-k", default=3, show_default=True, type=click.IntRange(1, 100), help="How many neighbours."
 )
 @click.option(
+    "--offset",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 999),
+    help="Skip this many results (paging); k + offset <= 1000.",
+)
+@click.option(
+    "--max-distance",
+    type=click.FloatRange(0),
+    help="Drop results farther than this L2 distance (0 = identical).",
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="COLUMN=VALUE",
+    help="Only images whose metadata has this value (repeat: all must hold).",
+)
+@click.option(
     "--expand/--no-expand",
     default=None,
     help="Query expansion, αQE (default: $IMAGEFINDER_EXPAND, on).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON response.")
 def search(
-    image: str | None,
+    images: tuple[str, ...],
     text: str | None,
     db: str | None,
     index: str | None,
     server: str | None,
     k: int,
+    offset: int,
+    max_distance: float | None,
+    filters: tuple[str, ...],
     expand: bool | None,
     as_json: bool,
 ) -> None:
-    """Find the indexed images nearest to IMAGE, or best matching --text."""
-    if (image is None) == (text is None):
-        raise click.UsageError("give either an IMAGE or --text, not both or neither")
+    """Find the indexed images nearest to IMAGES, or best matching --text.
+
+    Several IMAGES are searched as one ("more like these": the normalised mean of their
+    vectors); those that are catalogue images are left out of the results.
+    """
+    from ..metadata import parse_filter
+
+    if bool(images) == (text is not None):
+        raise click.UsageError(
+            "give either an IMAGE or --text, not both or neither (several IMAGEs are "
+            "searched as one)"
+        )
+    where = parse_filter(filters)  # a bad filter fails here, before any model or request
     if server:
         if db:
             raise click.UsageError(
@@ -57,16 +89,19 @@ def search(
 
         body = ask_server(
             server,
-            image=Path(image) if image is not None else None,
+            images=[Path(image) for image in images],
             text=text,
             k=k,
             index=index,
             expand=expand,
+            offset=offset,
+            max_distance=max_distance,
+            filters=[f"{column}={value}" for column, value in where],
         )
-        results = [(str(r["id"]), float(r["distance"])) for r in body["results"]]
     else:
+        from ..indexes import Indexes
         from ..query import SearchOptions
-        from ..service import Indexes, Service
+        from ..service import Service
         from ..store import open_store
 
         settings = load_settings(db=db)
@@ -75,25 +110,28 @@ def search(
             Service(
                 settings,
                 open_store(location, ef_search=settings.ef_search, exact=settings.exact,
-                           create=False),
+                           nprobe=settings.nprobe, create=False),
                 name=name,
                 location=location,
             )
             for name, location in settings.indexes
         ]  # fmt: skip
         service = Indexes(settings, services).get(index)
-        options = SearchOptions(k=k, expand=expand)
+        options = SearchOptions(
+            k=k, expand=expand, offset=offset, max_distance=max_distance, where=where
+        )
         if text is not None:
-            results = service.search_text(text, options)
+            found = service.search_text(text, options)
         else:
-            assert image is not None
-            results = service.search_bytes(Path(image).read_bytes(), options)
-        body = service.response(results)
+            found = service.search_uploads([Path(i).read_bytes() for i in images], options)
+        body = service.response(found)
     if as_json:
         click.echo(json.dumps(body, indent=2))
-    else:
-        for image_id, distance in results:
-            click.echo(f"{distance:.4f}  {image_id}")
+        return
+    for r in body["results"]:
+        mark = f"  [{r['match']}]" if r.get("match") else ""
+        fields = " ".join(f"{key}={value}" for key, value in (r.get("metadata") or {}).items())
+        click.echo(f"{float(r['distance']):.4f}  {r['id']}{mark}{'  ' + fields if fields else ''}")
 
 
 @command()

@@ -40,6 +40,19 @@ class Built:
     encode_text: Callable[[Any], Any] | None = None
 
 
+@dataclass(frozen=True)
+class DuplicateThresholds:
+    """L2 distances between two images' vectors at or below which they are the same
+    picture (``near``: re-encoded, resized, cropped a little, rotated by EXIF,
+    overlaid or colour-shifted) or look alike (``similar``). Measured by
+    bench/duplicates.py on real photos (bench/results/duplicates.md), for the weights
+    named: vectors of other weights are another space, and get no thresholds."""
+
+    weights: str
+    near: float
+    similar: float
+
+
 # weights argument (a name, a file path, or None for the default) -> Built, or the older
 # (module, weights_id) pair.
 Builder = Callable[[str | None], "Built | tuple[Any, str]"]
@@ -61,6 +74,8 @@ class ModelSpec:
     own_preprocessing: str | None = None
     # What --weights takes, for help texts and errors.
     weights_help: str = "a local weights file"
+    # Calibrated duplicate levels; None: never measured (no weights to measure with).
+    duplicates: DuplicateThresholds | None = None
 
     @property
     def preprocessing(self) -> str:
@@ -110,6 +125,8 @@ register(
         IMAGENET_STD,
         "imagefinder.model.cnn:build_efficientnet_lite0",
         weights_help="bundled (default) or a local .pth state dict",
+        # bench/results/duplicates.md: near precision 0.995, recall 0.922.
+        duplicates=DuplicateThresholds("bundled", near=0.589, similar=0.9602),
     )
 )
 register(
@@ -121,8 +138,13 @@ register(
         IMAGENET_STD,
         "imagefinder.model.cnn:build_efficientnet_lite2",
         weights_help="bundled (default) or a local .pth state dict",
+        # bench/results/duplicates.md: near precision 0.994, recall 0.860.
+        duplicates=DuplicateThresholds("bundled", near=0.5052, similar=0.9072),
     )
 )
+# resnet50, vgg16 and clip-vit-b-32 have no duplicate thresholds: no weights of theirs
+# load here to measure with, and a distance guessed for one model means nothing for
+# another. Their indexes offer the exact level (and --max-distance) only.
 # fc7: the 4096-d output of the second fully connected layer, after its ReLU (see
 # cnn.build_vgg16 for why this layer rather than pooled conv5 features).
 register(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -25,9 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__, images, memory
 from ..config import Settings
 from ..errors import Busy, ImageFinderError
+from ..indexes import Indexes
 from ..redact import redact
-from ..service import Indexes, Service
-from . import browse, docs, health, jobs, observe, search, writes
+from ..service import Service
+from . import browse, docs, duplicates, health, jobs, observe, search, writes
 from .decoders import Decoders
 from .deps import error_response
 from .gate import Gate
@@ -67,12 +69,13 @@ STATUS = {
     "invalid_request": 422,
     "invalid_id": 422,
     "text_not_supported": 422,
+    "not_calibrated": 422,
+    "busy": 503,
     "index_missing": 503,
     "index_empty": 503,
     "index_unusable": 503,
     "model_unavailable": 503,
     "invalid_setting": 503,
-    "busy": 503,
     "request_timeout": 408,
     "remote_error": 502,  # raised by the CLI's HTTP client, never by a route
 }
@@ -253,6 +256,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         # the message until it is fixed.
         for name, problem in await run_in_threadpool(indexes.load_models):
             log.error("cannot serve searches from index %r yet: %s", name, problem)
+        # A large SQLite index's codes (2 GB at 1M images) are read in the background:
+        # the server answers at once, its first searches at disk speed.
+        threading.Thread(target=indexes.warm, name="warm-indexes", daemon=True).start()
         # Ingestion jobs: kept in the default index, run one at a time through the gate.
         runner = JobRunner(indexes.default, app.state.gate)
         app.state.runner = runner
@@ -267,6 +273,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
                 for svc in indexes:
                     svc.decoder = images
             app.state.gate.close()
+            app.state.duplicates_gate.close()
             app.state.health.close()
 
     app = FastAPI(
@@ -281,6 +288,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.state.indexes = Indexes(settings, [service])
         app.state.service = service
     app.state.gate = Gate(settings.max_concurrency, settings.max_queue)
+    # A duplicate report reads every vector of an index: one at a time on the server,
+    # others told to come back (duplicates.py).
+    app.state.duplicates_gate = Gate(1, 0, work="duplicate report being computed", seconds=5)
     app.state.health = HealthCheck()
 
     @app.exception_handler(ImageFinderError)
@@ -307,6 +317,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
     app.include_router(health.router)
     app.include_router(search.router)
+    app.include_router(duplicates.router)
     app.include_router(writes.router)
     app.include_router(jobs.router)
     browse.install(app)

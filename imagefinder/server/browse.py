@@ -25,7 +25,7 @@ from ..redact import redact
 from ..service import Service, build_command
 from ..store import FileState
 from . import thumbs
-from .deps import IndexesDep
+from .deps import IndexesDep, answer
 from .gate import gate_of
 from .schemas import ID_ERRORS, NOT_MODIFIED, SearchParams, SearchResponse
 
@@ -140,8 +140,7 @@ async def get_similar(
 ) -> dict[str, Any]:
     service = indexes.get(params.index)
     check_id(image_id)
-    results = await run_in_threadpool(service.search_id, image_id, params.options())
-    return service.response(results)
+    return await answer(service, service.search_id, image_id, params.options())
 
 
 @router.get(

@@ -3,13 +3,16 @@ one error body."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ..errors import EmptyUpload, TooLarge
-from ..service import Indexes, Service
+from ..indexes import Indexes
+from ..service import Found, Service
 
 
 # async: FastAPI runs a plain-def dependency in the thread pool, which a flood of requests
@@ -43,3 +46,8 @@ async def read_upload(file: UploadFile, service: Service) -> bytes:
     if not data:
         raise EmptyUpload("the uploaded file is empty")
     return data
+
+
+async def answer(service: Service, search: Callable[..., Found], *args: Any) -> dict[str, Any]:
+    """Run ``search`` and describe its results (both read the index) off the event loop."""
+    return await run_in_threadpool(lambda: service.response(search(*args)))

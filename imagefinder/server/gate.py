@@ -10,6 +10,9 @@ Every route that decodes goes through one ``Gate`` (``app.state.gate``): searche
 upload, API writes, thumbnails being made. Anything else that decodes on the
 server's behalf (ingestion jobs) must too: ``await gate.run(fn, ...)`` from async code,
 ``gate.call(fn, ...)`` from a thread. ``/health`` never touches it.
+
+A second gate of one slot and no queue (``app.state.duplicates_gate``) runs duplicate
+reports (``GET /duplicates``): each reads every vector of an index.
 """
 
 from __future__ import annotations
@@ -36,14 +39,18 @@ T = TypeVar("T")
 
 
 class Gate:
-    def __init__(self, slots: int, queue: int):
+    def __init__(
+        self, slots: int, queue: int, work: str = "images being processed", seconds: float = 1.0
+    ):
         self.slots = max(1, slots)
         self.queue = max(0, queue)
+        # What a slot does, for the busy message.
+        self.work = work
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._admitted = 0
         self._running = 0
-        self._seconds = 1.0  # a moving average of one job's duration
+        self._seconds = seconds  # a moving average of one job's duration
 
     @property
     def _executor(self) -> ThreadPoolExecutor:
@@ -65,7 +72,7 @@ class Gate:
         with self._lock:
             if self._admitted >= self.slots + self.queue:
                 raise Busy(
-                    f"the server is busy ({self.slots} images being processed, "
+                    f"the server is busy ({self.slots} {self.work}, "
                     f"{self.queue} waiting); try again in a moment",
                     retry_after=self._retry_after(),
                 )

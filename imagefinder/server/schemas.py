@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ..query import MAX_K, MAX_TEXT, SearchOptions
+from ..metadata import MAX_FILTERS, parse_filter
+from ..query import MAX_DEPTH, MAX_K, MAX_TEXT, SearchOptions
 
 
 class SearchParams(BaseModel):
@@ -24,9 +25,37 @@ class SearchParams(BaseModel):
         description="Query expansion (αQE): one more search from the query and its nearest "
         "images; default: the server's IMAGEFINDER_EXPAND",
     )
+    offset: int = Field(
+        0,
+        ge=0,
+        lt=MAX_DEPTH,
+        description=f"Results to skip (paging): this page is results offset..offset+k-1 of "
+        f"one ranking; k + offset <= {MAX_DEPTH}. The response's next_offset is the next "
+        "page's offset, or null",
+    )
+    max_distance: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Drop results farther than this L2 distance (0 = identical; the same "
+        "distance the results carry), so fewer than k may come back",
+    )
+    filter: list[str] = Field(
+        [],
+        max_length=MAX_FILTERS,
+        description="Metadata column=value, e.g. category=shoes; repeat for several "
+        "(all must hold). Applied inside the search: k results come back when k "
+        "matching images exist",
+    )
 
     def options(self) -> SearchOptions:
-        return SearchOptions(k=self.k, expand=self.expand)
+        return SearchOptions(
+            k=self.k,
+            expand=self.expand,
+            offset=self.offset,
+            max_distance=self.max_distance,
+            where=parse_filter(self.filter),
+        )
 
 
 class TextQuery(SearchParams):
@@ -35,13 +64,46 @@ class TextQuery(SearchParams):
 
 class Neighbour(BaseModel):
     id: str
-    distance: float
+    distance: float = Field(description="L2 distance between the query's and the image's vectors")
+    match: Literal["exact", "near"] | None = Field(
+        None,
+        description="exact: the same file content as a query image; near: the same picture "
+        "re-encoded, resized, cropped a little, rotated, overlaid or colour-shifted (within "
+        "the model's calibrated distance; never for a model without calibration); else null",
+    )
+    metadata: dict[str, str] = Field({}, description="The image's metadata columns")
 
 
 class SearchResponse(BaseModel):
     model: str
     metric: str
     results: list[Neighbour]
+    next_offset: int | None = Field(
+        None, description="The offset of the next page, or null when there is none"
+    )
+
+
+class DuplicateImage(BaseModel):
+    id: str
+    distance: float = Field(description="L2 distance to the group's first image")
+
+
+class DuplicateGroup(BaseModel):
+    images: list[DuplicateImage] = Field(
+        description="The group's representative first (the image most others are within "
+        "the distance of), then the rest by distance to it"
+    )
+
+
+class DuplicatesResponse(BaseModel):
+    level: Literal["exact", "near", "similar"]
+    max_distance: float | None = Field(
+        description="The level's distance for this index's model (null for exact)"
+    )
+    images: int = Field(description="Images in the index")
+    total_groups: int
+    groups: list[DuplicateGroup]
+    next_offset: int | None = Field(description="The offset of the next page of groups, or null")
 
 
 class ErrorDetail(BaseModel):
@@ -109,6 +171,13 @@ ID_ERRORS = errors(
     _404="No image with this id, or its file is gone; or no index with this name",
     _422="Invalid parameter",
     _503="The index is missing or empty",
+)
+DUPLICATES_ERRORS = errors(
+    _404="No index with this name",
+    _422="Invalid parameter, or a level the index's model has no calibrated distance for "
+    "(not_calibrated)",
+    _503="The index is missing or empty; or another request's report is being computed "
+    "(busy, with Retry-After)",
 )
 TEXT_ERRORS = errors(
     _404="No index with this name",

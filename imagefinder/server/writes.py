@@ -24,12 +24,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, Security, UploadFile
 from fastapi.security import HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import FormData
 
 from ..catalog import id_problem
 from ..errors import InvalidRequest, Unauthorized, WritesDisabled, unknown_id
 from ..files import save_bytes, sha256_file
 from ..images import sniff
-from ..service import Indexes
+from ..indexes import Indexes
+from ..metadata import MAX_FIELDS, MAX_NAME, MAX_VALUE, Metadata, clean
 from ..store import Item
 from .deps import IndexesDep, read_upload
 from .gate import GatedRoute, gate_of
@@ -70,9 +72,11 @@ router = APIRouter(
 )
 
 
-def add_image(indexes: Indexes, image_id: str, data: bytes) -> ImageWritten:
+def add_image(
+    indexes: Indexes, image_id: str, data: bytes, metadata: Metadata | None = None
+) -> ImageWritten:
     """Embed ``data`` and add it as ``image_id`` to every index, replacing any image with
-    that id."""
+    that id. ``metadata`` replaces the image's metadata; None keeps what it had."""
     problem = id_problem(image_id)
     if problem:
         raise InvalidRequest(problem, code="invalid_id")
@@ -99,6 +103,8 @@ def add_image(indexes: Indexes, image_id: str, data: bytes) -> ImageWritten:
         for service, vector in vectors:
             item = Item(image_id, str(path), digest, st.st_size, st.st_mtime_ns, vector)
             service.store.upsert([item])
+            if metadata is not None:
+                service.store.set_metadata([(image_id, metadata)])
             service.after_write([image_id], near[service.name])
     return ImageWritten(id=image_id, replaced=replaced, format=fmt, bytes=len(data))
 
@@ -137,6 +143,10 @@ def remove_image(indexes: Indexes, image_id: str) -> ImageDeleted:
     response_model=ImageWritten,
     responses=AUTH_ERRORS,
     summary="Add an image to the index, or replace the one with the same id",
+    description="Every other form field is metadata of the image: `-F category=shoes -F "
+    f"brand=acme` (strings; at most {MAX_FIELDS} fields, names up to {MAX_NAME} characters "
+    f"without '=', values up to {MAX_VALUE}; an empty value is no value). Fields given "
+    "replace the image's metadata; with none, a replaced image keeps the metadata it had.",
 )
 async def post_image(
     request: Request,
@@ -146,8 +156,24 @@ async def post_image(
         str, Form(alias="id", description="Letters, digits, '_', '-', '.'; at most 128")
     ],
 ) -> ImageWritten:
+    metadata = metadata_fields(await request.form())
     data = await read_upload(file, indexes.default)
-    return await gate_of(request).run(add_image, indexes, image_id, data)
+    return await gate_of(request).run(add_image, indexes, image_id, data, metadata)
+
+
+def metadata_fields(form: FormData) -> Metadata | None:
+    """The form's fields other than ``file`` and ``id``, as metadata; None when there
+    are none."""
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name in ("file", "id"):
+            continue
+        if not isinstance(value, str):
+            raise InvalidRequest(f"metadata field {name[:40]!r} is a file; send text")
+        if name in fields:
+            raise InvalidRequest(f"metadata field {name[:40]!r} is given twice")
+        fields[name] = value
+    return clean(fields, "metadata field") if fields else None
 
 
 @router.delete(

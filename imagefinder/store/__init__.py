@@ -19,14 +19,20 @@ __all__ = [
 
 
 def open_store(
-    location: str, *, ef_search: int | None = None, exact: bool = False, create: bool = True
+    location: str,
+    *,
+    ef_search: int | None = None,
+    exact: bool = False,
+    nprobe: int | None = None,
+    create: bool = True,
 ) -> Store:
     """The store for ``location``: a ``postgresql://`` URL means PostgreSQL with pgvector
     (searched through HNSW with ``ef_search`` candidates, or exhaustively if ``exact``);
-    anything else is the path of a SQLite file (exact below ``coarse.MIN_ROWS`` vectors,
-    then a binary pre-selection of ``ef_search`` candidates re-ranked exactly, unless
-    ``exact``). ``ef_search`` None means each store's own default. ``create=False``
-    (commands that only read) never creates a SQLite file that is not there."""
+    anything else is the path of a SQLite file (exact below ``ivf.MIN_ROWS`` vectors,
+    then the ``ef_search`` nearest int8 codes of the ``nprobe`` nearest inverted lists,
+    re-ranked exactly, unless ``exact``). None means each store's own default; ``nprobe``
+    applies to SQLite only. ``create=False`` (commands that only read) never creates a
+    SQLite file that is not there."""
     if is_postgres(location):
         try:
             from .postgres import DEFAULT_EF_SEARCH, PGStore
@@ -36,6 +42,7 @@ def open_store(
                 "pip install 'imagefinder[postgres]'"
             ) from None
         return PGStore(str(location), ef_search=ef_search or DEFAULT_EF_SEARCH, exact=exact)
-    if ef_search:
-        return SQLiteStore(location, ef_search=ef_search, exact=exact, create=create)
-    return SQLiteStore(location, exact=exact, create=create)
+    tuning = {
+        name: value for name, value in (("ef_search", ef_search), ("nprobe", nprobe)) if value
+    }
+    return SQLiteStore(location, exact=exact, create=create, **tuning)

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import numpy as np
 
 from ..errors import IndexMismatch, StoreError
+from ..metadata import Metadata, Where
 from .jobtable import JobTable
 
 METRIC = "l2"
@@ -198,11 +199,47 @@ class Store(ABC):
     def jobs(self) -> JobTable:
         """The index's ingestion jobs (jobtable.py)."""
 
+    # Metadata (metadata.py) and content hashes: what results show beside each id, what
+    # filters select on, and how exact duplicates are recognised.
+
+    @abstractmethod
+    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
+        """The metadata of those ``ids`` that have any."""
+
+    @abstractmethod
+    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
+        """Replace each id's metadata in one transaction (an empty dict clears it); ids
+        not in the index are skipped. Returns how many ids were written."""
+
+    @abstractmethod
+    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
+        """The content hash (sha256) of those ``ids`` that exist."""
+
+    @abstractmethod
+    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        """The ids whose file has each content hash (hashes nobody has are left out)."""
+
+    @abstractmethod
+    def hash_groups(self) -> list[list[str]]:
+        """Every set of two or more ids with the same content hash, ids sorted."""
+
+    @abstractmethod
+    def _nearest_where(
+        self, vector: np.ndarray, fetch: int, where: Where
+    ) -> list[tuple[str, float]]:
+        """The ``fetch`` nearest (id, L2 distance) among the images matching ``where``
+        (never fewer while that many match), nearest first."""
+
     def begin_bulk(self, expected: int) -> None:  # noqa: B027 (optional hook)
         """``expected`` rows are about to be written: a store may drop its ANN index."""
 
     def end_bulk(self) -> None:  # noqa: B027 (optional hook)
         """The bulk write is over: (re)build whatever ``begin_bulk`` dropped."""
+
+    def warm(self) -> int:
+        """Read what searches read into memory (a server starting up), so the first
+        searches do not pay for disk reads; returns the bytes read."""
+        return 0
 
     # -- shared behaviour -----------------------------------------------------
 
@@ -229,12 +266,16 @@ class Store(ABC):
         return self.meta().get(DBA_KEY)
 
     def knn(
-        self, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+        self, vector: np.ndarray, k: int, exclude: Sequence[str] = (), where: Where = ()
     ) -> list[tuple[str, float]]:
         """The ``k`` nearest ids to ``vector`` by L2 distance, nearest first, leaving out
-        the ids in ``exclude``."""
+        the ids in ``exclude``, among the images whose metadata matches ``where`` (all of
+        its column=value pairs). ``k`` is the depth: a page at an offset asks for
+        offset + page size, and the approximate paths widen their candidate lists with
+        it, so deep pages keep their recall."""
         skip = set(exclude)
-        rows = self._nearest(vector, k + len(skip))
+        fetch = k + len(skip)
+        rows = self._nearest_where(vector, fetch, where) if where else self._nearest(vector, fetch)
         return [(i, d) for i, d in rows if i not in skip][:k]
 
     def check_existing(self, existing: dict[str, str], identity: dict[str, str]) -> None:

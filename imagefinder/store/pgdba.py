@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .pgnames import IMAGES
+
 TABLE = "imagefinder_dba"
-IMAGES = "imagefinder_images"  # as postgres.IMAGES
 TRIGGER = "imagefinder_dba_mirror"
 
 

@@ -6,6 +6,8 @@ Layout (schema version 1, in the connection's current schema):
 - ``imagefinder_images``: one row per id with path, content hash, size, mtime and a
   ``vector(D)`` column, exact float32.
 - ``imagefinder_stats(rows)``: the row count, kept up to date by every write.
+- ``imagefinder_images.metadata`` (jsonb) with a GIN index, and an index on ``sha256``
+  (schema version 2, see ``pg_metadata.py``).
 - ``imagefinder_images_hnsw``: an HNSW index under L2. pgvector indexes ``vector``
   columns of at most 2000 dimensions, so wider vectors (resnet50's 2048) are indexed
   as ``halfvec`` (16-bit) and the candidates re-ranked by their exact float32 distance.
@@ -28,10 +30,11 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import StoreError
-from . import pgdba
+from ..metadata import Where
+from . import pg_metadata as md
+from . import pgdba, pgsearch
 from .base import (
     DBA_KEY,
-    Expected,
     FileState,
     Item,
     Store,
@@ -40,27 +43,17 @@ from .base import (
     new_meta,
 )
 from .jobtable import JobTable, create_sql
+from .pg_writes import Writes
+from .pgnames import HNSW, IMAGES, META, STATS
 from .pgvector import register_vector
 
-IMAGES = "imagefinder_images"
-META = "imagefinder_meta"
-# The row count, kept by every write in its own transaction: count(*) reads the whole
-# table (seconds at tens of millions), and the API asks on every search.
-STATS = "imagefinder_stats"
-HNSW = "imagefinder_images_hnsw"
 # Candidates HNSW hands to the exact re-rank, unless IMAGEFINDER_EF_SEARCH says otherwise:
 # at 200 it stays near 19 ms with recall 1.0 at 100k, where 40 reached 0.975
 # (bench/bench_stores.py).
 DEFAULT_EF_SEARCH = 200
-# pgvector's limit for HNSW over ``vector``; ``halfvec`` goes to 4000.
-MAX_VECTOR_INDEX_DIM = 2000
-MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # One advisory lock serialises schema changes (CREATE EXTENSION/TABLE/INDEX, DROP INDEX)
 # across every process sharing the database: two shards starting at once race otherwise.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('imagefinder.schema'))"
-# The API's per-id write lock (see write_lock).
-WRITE_LOCK = "SELECT pg_advisory_lock(hashtext('imagefinder.write'), hashtext(%s))"
-WRITE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('imagefinder.write'), hashtext(%s))"
 TABLE_EXISTS = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.relname = %s AND n.nspname = ANY (current_schemas(false)))"
@@ -71,7 +64,7 @@ JOBS = "imagefinder_jobs"
 
 
 def _add_jobs(conn: psycopg.Connection) -> None:
-    """Schema 2: ingestion jobs (jobtable.py)."""
+    """Version 3: ingestion jobs (jobtable.py)."""
     for statement in create_sql(JOBS, "double precision"):
         conn.execute(statement)
 
@@ -87,12 +80,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-class PGStore(Store):
+class PGStore(Writes, md.MetadataMixin, Store):
     """An index in a PostgreSQL database. Safe to share across threads."""
 
     kind = "postgres"
     rebuild_hint = "rebuild it into a new database"
-    migrations = (_add_jobs,)
+    # Version 2: image metadata and the content-hash index. Version 3: ingestion jobs.
+    migrations = (md.migrate, _add_jobs)
     # A run into an empty table, or one that at least doubles the table and writes this
     # many rows, drops the HNSW index first and builds it once at the end: far faster
     # than inserting row by row (a few ms per 2048-d row).
@@ -267,14 +261,9 @@ class PGStore(Store):
             raise StoreError(f"{self.location} is not an index yet")
         return int(meta["dim"])
 
-    @staticmethod
-    def _indexed(dim: int, value: str) -> str:
-        """The expression the HNSW index covers, applied to ``value``."""
-        return value if dim <= MAX_VECTOR_INDEX_DIM else f"({value})::halfvec({dim})"
-
     def _create_index_sql(self, dim: int) -> str:
-        ops = "vector_l2_ops" if dim <= MAX_VECTOR_INDEX_DIM else "halfvec_l2_ops"
-        expr = self._indexed(dim, "embedding")
+        ops = "vector_l2_ops" if dim <= pgsearch.MAX_VECTOR_INDEX_DIM else "halfvec_l2_ops"
+        expr = pgsearch.indexed(dim, "embedding")
         return f"CREATE INDEX IF NOT EXISTS {HNSW} ON {IMAGES} USING hnsw (({expr}) {ops})"
 
     # -- reads -------------------------------------------------------------
@@ -326,8 +315,28 @@ class PGStore(Store):
             yield [Item(*r) for r in rows]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
+        return self._run_search(vector, fetch, ())
+
+    def _nearest_where(
+        self, vector: np.ndarray, fetch: int, where: Where
+    ) -> list[tuple[str, float]]:
+        """Through HNSW with an iterative scan; if that scan stops short (it visits at
+        most MAX_SCAN_TUPLES rows) while more images match, exactly over the matches."""
+        if not self.meta():
+            return []
+        found = self._run_search(vector, fetch, where)
+        if len(found) < fetch and not self.exact:
+            with self._tx() as conn:
+                matching = md.count(conn, where)
+            if matching > len(found):
+                return self._run_search(vector, fetch, where, exact=True)
+        return found
+
+    def _run_search(
+        self, vector: np.ndarray, fetch: int, where: Where, exact: bool = False
+    ) -> list[tuple[str, float]]:
         query = np.ascontiguousarray(vector, dtype=np.float32)
-        setup, sql, params = self.search_statements(query, fetch)
+        setup, sql, params = self.search_statements(query, fetch, where, exact)
         with self._tx() as conn:
             for statement in setup:
                 conn.execute(statement)
@@ -335,148 +344,12 @@ class PGStore(Store):
         return [(i, float(d)) for i, d in rows]
 
     def search_statements(
-        self, query: np.ndarray, fetch: int
+        self, query: np.ndarray, fetch: int, where: Where = (), exact: bool = False
     ) -> tuple[list[str], str, dict[str, Any]]:
-        """What ``knn`` runs in its transaction: settings, then the query and its parameters.
-
-        Approximate: the HNSW index yields ``ef_search`` candidates (never fewer than
-        ``fetch``: an HNSW scan returns at most ef_search rows), re-ranked by exact
-        float32 distance, which also undoes halfvec rounding. Sequential scans are
-        ruled out because vectors live out of line (TOAST) and the planner, not
-        counting that, would scan a large table rather than use the index.
-        Exact: every row's distance, no index.
-        """
-        if self.exact:
-            setup = ["SET LOCAL enable_indexscan = off"]
-            sql = (
-                f"SELECT id, embedding <-> %(q)b AS distance FROM {IMAGES} "
-                "ORDER BY distance, id LIMIT %(fetch)s"
-            )
-            return setup, sql, {"q": query, "fetch": fetch}
-        dim = self._dim()
-        candidates = min(max(int(self.ef_search), fetch), MAX_EF_SEARCH)
-        setup = [f"SET LOCAL hnsw.ef_search = {candidates}", "SET LOCAL enable_seqscan = off"]
-        order = f"{self._indexed(dim, 'embedding')} <-> {self._indexed(dim, '%(q)b')}"
-        sql = f"""SELECT id, embedding <-> %(q)b AS distance FROM (
-                      SELECT id, embedding FROM {IMAGES} ORDER BY {order} LIMIT %(candidates)s
-                  ) AS c
-                  ORDER BY distance, id LIMIT %(fetch)s"""
-        return setup, sql, {"q": query, "candidates": candidates, "fetch": fetch}
-
-    # -- writes ------------------------------------------------------------
-
-    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many were written
-        (with ``expected``, rows another writer changed are left as they are)."""
-        rows = [
-            (it.id, it.path, it.sha256, it.size, it.mtime_ns, np.asarray(it.vector, np.float32))
-            for it in items
-        ]
-        if not rows:
-            return 0
-        if expected is not None:
-            return self._upsert_if_unchanged(rows, expected)
-        with self._tx() as conn, conn.cursor() as cur:
-            # xmax is 0 on a freshly inserted row version, set on one that replaced a row:
-            # what really happened, even with another writer inserting the same id.
-            cur.executemany(
-                f"""INSERT INTO {IMAGES} (id, path, sha256, size, mtime_ns, embedding)
-                    VALUES (%s, %s, %s, %s, %s, %b)
-                    ON CONFLICT (id) DO UPDATE SET
-                        path = EXCLUDED.path, sha256 = EXCLUDED.sha256, size = EXCLUDED.size,
-                        mtime_ns = EXCLUDED.mtime_ns, embedding = EXCLUDED.embedding,
-                        updated_at = now()
-                    RETURNING xmax = 0""",
-                rows,
-                returning=True,
-            )
-            inserted = 0
-            while True:
-                inserted += sum(1 for (new,) in cur.fetchall() if new)
-                if not cur.nextset():
-                    break
-            # Last, so the one shared row stays locked only until the commit.
-            if inserted:
-                cur.execute(f"UPDATE {STATS} SET rows = rows + %s", (inserted,))
-        return len(rows)
-
-    def _upsert_if_unchanged(self, rows: list[tuple[Any, ...]], expected: Expected) -> int:
-        """Compare-and-set: a new id only if still absent (ON CONFLICT DO NOTHING), a known
-        one only if its row still holds the expected state. Under READ COMMITTED, an
-        UPDATE re-checks its WHERE against a row another transaction just changed."""
-        inserted = updated = 0
-        with self._tx() as conn, conn.cursor() as cur:
-            for row in rows:
-                state = expected.get(row[0])
-                if state is None:
-                    cur.execute(
-                        f"""INSERT INTO {IMAGES} (id, path, sha256, size, mtime_ns, embedding)
-                            VALUES (%s, %s, %s, %s, %s, %b) ON CONFLICT (id) DO NOTHING""",
-                        row,
-                    )
-                    inserted += cur.rowcount
-                else:
-                    cur.execute(
-                        f"""UPDATE {IMAGES} SET path = %s, sha256 = %s, size = %s,
-                                mtime_ns = %s, embedding = %b, updated_at = now()
-                            WHERE id = %s AND path = %s AND sha256 = %s AND size = %s
-                                AND mtime_ns = %s""",
-                        (*row[1:], row[0], state.path, state.sha256, state.size, state.mtime_ns),
-                    )
-                    updated += cur.rowcount
-            if inserted:
-                cur.execute(f"UPDATE {STATS} SET rows = rows + %s", (inserted,))
-        return inserted + updated
-
-    def touch(
-        self,
-        image_id: str,
-        path: str,
-        size: int,
-        mtime_ns: int,
-        expected: FileState | None = None,
-    ) -> bool:
-        """Record a new path/mtime for a file whose content did not change."""
-        sql = f"UPDATE {IMAGES} SET path = %s, size = %s, mtime_ns = %s WHERE id = %s"
-        params: tuple[Any, ...] = (path, size, mtime_ns, image_id)
-        if expected is not None:
-            sql += " AND path = %s AND sha256 = %s AND size = %s AND mtime_ns = %s"
-            params += (expected.path, expected.sha256, expected.size, expected.mtime_ns)
-        with self._tx() as conn:
-            return conn.execute(sql, params).rowcount > 0
-
-    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
-        ids = list(ids)
-        if not ids or not self.meta():
-            return 0
-        with self._tx() as conn:
-            if expected is None:
-                deleted = conn.execute(f"DELETE FROM {IMAGES} WHERE id = ANY(%s)", (ids,)).rowcount
-            else:
-                deleted = 0
-                for image_id in ids:
-                    state = expected.get(image_id)
-                    if state is None:
-                        continue  # expected absent: nothing to delete
-                    deleted += conn.execute(
-                        f"""DELETE FROM {IMAGES} WHERE id = %s AND path = %s AND sha256 = %s
-                            AND size = %s AND mtime_ns = %s""",
-                        (image_id, state.path, state.sha256, state.size, state.mtime_ns),
-                    ).rowcount
-            if deleted:
-                conn.execute(f"UPDATE {STATS} SET rows = rows - %s", (deleted,))
-        return deleted
-
-    @contextmanager
-    def write_lock(self, key: str) -> Iterator[None]:
-        """A session advisory lock per key, held on a connection of its own: it excludes
-        every process (and machine) sharing the database, and dies with its holder."""
-        with self._tx() as conn:
-            conn.execute(WRITE_LOCK, (key,))
-            try:
-                yield
-            finally:
-                conn.execute(WRITE_UNLOCK, (key,))
+        """What ``knn`` runs in its transaction (see ``pgsearch.statements``)."""
+        if self.exact or exact:
+            return pgsearch.statements(query, fetch, where)
+        return pgsearch.statements(query, fetch, where, self._dim(), self.ef_search)
 
     def jobs(self) -> JobTable:
         return JobTable(JOBS, self._tx, self._tx, lambda: bool(self.meta()), "%s")
@@ -516,12 +389,6 @@ class PGStore(Store):
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         with self._tx() as conn:
             return pgdba.vectors(conn, pgdba.TABLE, ids) if pgdba.exists(conn) else {}
-
-    def vectors_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        if not self.meta():
-            return {}
-        with self._tx() as conn:
-            return pgdba.vectors(conn, IMAGES, ids)
 
     def begin_bulk(self, expected: int) -> None:
         """Drop the HNSW index before a load into an empty table or one that at least

@@ -1,6 +1,6 @@
 """The SQLite index: one ``connect()``, a versioned schema, and KNN in SQL.
 
-Layout (schema version 1):
+Layout (schema version 3):
 
 - ``meta(key, value)``: schema version, model, weights, dim, metric, preprocessing.
 - ``images``: one row per id with its file path, content hash, size, mtime and a
@@ -8,8 +8,14 @@ Layout (schema version 1):
 - ``vec_images``: a sqlite-vec ``vec0`` table of the vectors, searched with
   ``embedding MATCH ? AND k = ?`` under L2 distance.
 - ``images_dba``: while DBA is on, the augmented vectors (see ``dba.py``).
-- ``vec_coarse`` + ``coarse_centre``: from ``coarse.MIN_ROWS`` vectors on, one bit
-  per dimension for a fast Hamming pre-selection re-ranked exactly (see ``coarse.py``).
+- ``image_metadata``: each image's metadata columns (schema version 2, see
+  ``sqlite_metadata.py``), and an index on ``images.sha256``.
+- ``vec_ivf`` + ``ivf_centroids`` + ``ivf_lists`` + ``ivf_state``: from ``ivf.MIN_ROWS``
+  vectors on, an inverted-file index: k-means lists, an int8 code per vector, the
+  nearest lists' nearest codes re-ranked exactly (see ``ivf.py``).
+
+Schema version 3 replaced the earlier ``vec_coarse`` (one Hamming pass over every
+vector, recall@10 0.44 at 1M) with the inverted file.
 
 Every write goes through one transaction per batch, so a killed run leaves the
 index consistent and the next run resumes where it stopped.
@@ -18,9 +24,9 @@ index consistent and the next run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,111 +34,72 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexNotReady, StoreError
-from . import coarse, dba
+from ..metadata import Metadata, Where, matches
+from . import dba, ivf
+from . import sqlite_metadata as md
 from .base import (
     DBA_KEY,
-    Expected,
     FileState,
     Item,
     Store,
     keyset_pages,
     new_meta,
-    state_matches,
 )
 from .jobtable import JobTable, create_sql
+from .sqlite_connect import connect
+from .sqlite_writes import Writes
+from .sqlite_writes import as_blob as _blob
 
-# Candidates the Hamming pre-selection hands to the exact re-rank, unless
-# IMAGEFINDER_EF_SEARCH says otherwise. 40 lost true neighbours on harder synthetic data
-# and the Hamming pass slows with the count (100k vectors, recall@3 and p50: 40 -> 0.75,
-# 12.5 ms; 100 -> 0.99, 17.8 ms; 200 -> 1.0, 28.6 ms; bench/results/stores.md).
-DEFAULT_CANDIDATES = 100
+# For up to 10 results: the nearest int8 codes re-ranked exactly
+# (IMAGEFINDER_EF_SEARCH), from the nearest lists (IMAGEFINDER_NPROBE). Chosen from the
+# 1M sweep (bench/results/stores-1000000.json): 8 lists and 20 candidates kept
+# recall@10 at 0.992 (16 and 40: 0.9925) at p50 11 ms against 66. Each candidate is a
+# random 8 KB read of the file, so the candidates cost more than the lists.
+DEFAULT_CANDIDATES = 20
+DEFAULT_NPROBE = 8
+# The inverted file serves a search down to this depth; a deeper one (a page far down)
+# scans exactly. Approximate candidates thin out with depth (the earlier Hamming
+# pre-selection kept only 0.55 of the page at offset 190 on 20k clustered vectors), while
+# an exact scan of 20k vectors costs no more than a deep approximate search
+# (bench/paging.py; tests/test_filters_and_paging.py checks offsets 90 and 500).
+APPROXIMATE_DEPTH = 100
+# A filter matching at most this many images is answered by an exact scan of their
+# vectors (~25 ms at 2048-d); a broader one by approximate candidates, kept if they
+# match, in a pool that grows until it holds enough (bench/paging.py).
+FILTER_SCAN_ROWS = 10_000
+FILTER_POOL_GROWTH = 4
 # Vectors per vec0 chunk blob. Each insert rewrites part of its chunk by walking the
 # blob's overflow pages, so the default 1024 (8 MB at 2048-d) costs ~2 ms per row;
 # 256 costs ~0.03 ms and scans as fast.
 VEC_CHUNK = 256
 
 
-def _driver() -> Any:
-    """The stdlib sqlite3 if it can load extensions, else sqlean.py."""
-    probe = sqlite3.connect(":memory:")
-    try:
-        if hasattr(probe, "enable_load_extension"):
-            return sqlite3
-    finally:
-        probe.close()
-    try:
-        import sqlean
-    except ImportError:
-        raise StoreError(
-            "this Python's sqlite3 cannot load extensions, which sqlite-vec needs; "
-            "install the drop-in replacement with: pip install sqlean.py"
-        ) from None
-    return sqlean
-
-
-_DRIVER = None
-
-
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open ``path`` with sqlite-vec loaded and the pragmas every caller relies on."""
-    global _DRIVER
-    if _DRIVER is None:
-        _DRIVER = _driver()
-    import sqlite_vec
-
-    conn = _DRIVER.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    try:
-        conn.enable_load_extension(True)
-        sqlite_vec.load(conn)
-        conn.enable_load_extension(False)
-    except Exception as e:
-        conn.close()
-        raise StoreError(f"cannot load the sqlite-vec extension: {e}") from e
-    # WAL lets searches read while an extraction writes; busy_timeout makes
-    # writers queue instead of failing with "database is locked".
-    conn.execute("PRAGMA busy_timeout = 30000")
-    _wal(conn)
-    conn.execute("PRAGMA synchronous = NORMAL")
-    # KNN scans read every vector: through mmap they skip the page-cache copy, which
-    # halves an exact scan (SQLite clamps this to its compile-time maximum).
-    conn.execute(f"PRAGMA mmap_size = {1 << 32}")
-    return conn
+def _inverted_file_replaces_coarse(conn: Any) -> None:
+    """Version 3: the inverted file replaces the earlier Hamming table. The version bump
+    also keeps older ImageFinders out: they would search a Hamming table nobody keeps
+    up to date any more, and miss neighbours without a word."""
+    conn.execute("DROP TABLE IF EXISTS vec_coarse")
+    conn.execute("DROP TABLE IF EXISTS coarse_centre")
+    ivf.sync(conn, ivf.MIN_ROWS)
 
 
 JOBS = "jobs"
 
 
 def _add_jobs(conn: Any) -> None:
-    """Schema 2: ingestion jobs (jobtable.py)."""
+    """Version 4: ingestion jobs (jobtable.py)."""
     for statement in create_sql(JOBS, "REAL"):
         conn.execute(statement)
 
 
-def _wal(conn: Any, wait: float = 30.0) -> None:
-    """Switch to WAL. On a new file, while another process holds the write lock creating
-    the index, SQLite answers "database is locked" at once (no busy handler for a
-    journal-mode change): wait for it like any other writer."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except Exception as e:  # sqlite3 or sqlean's OperationalError
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def _blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-
-
-class SQLiteStore(Store):
+class SQLiteStore(Writes, Store):
     """The index file. Safe to share across threads: each thread gets its own connection."""
 
     kind = "sqlite"
     rebuild_hint = "rebuild it with a new --db path"
-    migrations = (_add_jobs,)
+    # Version 2: image metadata and the content-hash index. Version 3: the inverted file
+    # replaces the Hamming pre-selection. Version 4: ingestion jobs.
+    migrations = (md.migrate, _inverted_file_replaces_coarse, _add_jobs)
 
     def __init__(
         self,
@@ -140,19 +107,23 @@ class SQLiteStore(Store):
         *,
         ef_search: int = DEFAULT_CANDIDATES,
         exact: bool = False,
-        fast_min_rows: int = coarse.MIN_ROWS,
+        fast_min_rows: int = ivf.MIN_ROWS,
+        nprobe: int = DEFAULT_NPROBE,
         create: bool = True,
     ):
         self.path = Path(path)
         # False for commands that only read: a mistyped path must not leave an empty
         # index file (and its folder) behind.
         self.create = create
-        # Search: ``ef_search`` Hamming candidates are re-ranked exactly; ``exact``
-        # always scans every float vector. Writes: the coarse table exists while the
-        # index holds at least ``fast_min_rows`` vectors.
+        # Search: ``ef_search`` candidates from the ``nprobe`` nearest lists are
+        # re-ranked exactly; ``exact`` always scans every float vector. Writes: the
+        # inverted file exists while the index holds at least ``fast_min_rows`` vectors.
         self.ef_search = ef_search
+        self.nprobe = nprobe
         self.exact = exact
         self.fast_min_rows = fast_min_rows
+        # Set between begin_bulk and end_bulk: the inverted file is built once, at the end.
+        self._bulk = False
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -313,13 +284,11 @@ class SQLiteStore(Store):
             ]
 
     def _nearest(self, vector: np.ndarray, fetch: int) -> list[tuple[str, float]]:
-        if self.search_mode() == coarse.MODE_BINARY:
-            try:
-                rows = coarse.search(self.conn, _blob(vector), fetch, self.ef_search)
-                return [(i, float(d)) for i, d in rows]
-            except Exception as e:  # dropped by a writer since search_mode() looked
-                if "no such table" not in str(e):
-                    raise
+        # A search deeper than the inverted file serves (a page far down) scans exactly.
+        if not self.exact and self._preselects(fetch):
+            found = ivf.search(self.conn, vector, fetch, self.nprobe, self.ef_search)
+            if found is not None:
+                return found
         rows = self.conn.execute(
             """WITH knn AS (
                    SELECT rowid, distance FROM vec_images
@@ -332,8 +301,59 @@ class SQLiteStore(Store):
         ).fetchall()
         return [(i, float(d)) for i, d in rows]
 
+    def _preselects(self, fetch: int) -> bool:
+        """Whether the inverted file serves a search for ``fetch`` results."""
+        return fetch <= APPROXIMATE_DEPTH
+
+    def _nearest_where(
+        self, vector: np.ndarray, fetch: int, where: Where
+    ) -> list[tuple[str, float]]:
+        """Few matches, or an exact index: scan the matching vectors exactly. Many: grow a
+        pool of approximate candidates until ``fetch`` of them match (a pool of 1/s times
+        what is asked, s the share of images that match, then ``FILTER_POOL_GROWTH``
+        times more each round); a pool deeper than the pre-selection serves falls back to
+        the exact scan, so a search never comes back short while enough images match."""
+        if not self.meta():
+            return []
+        blob = _blob(vector)
+        matching = md.count(self.conn, where)
+        if matching == 0:
+            return []
+        if self.search_mode() == ivf.MODE_EXACT or matching <= FILTER_SCAN_ROWS:
+            return md.scan(self.conn, blob, fetch, where)
+        share = matching / max(1, self.count())
+        pool = math.ceil(2 * fetch / share)
+        while self._preselects(pool):
+            found = self._nearest(vector, pool)
+            metadata = self.metadata_of([i for i, _ in found])
+            kept = [(i, d) for i, d in found if matches(metadata.get(i, {}), where)]
+            if len(kept) >= min(fetch, matching) or len(found) < pool:
+                return kept[:fetch]
+            pool *= FILTER_POOL_GROWTH
+        return md.scan(self.conn, blob, fetch, where)
+
     def augmented_of(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         return dba.vectors(self.conn, ids) if dba.exists(self.conn) else {}
+
+    # -- metadata and content hashes (sqlite_metadata.py) -----------------------
+
+    def metadata_of(self, ids: Sequence[str]) -> dict[str, Metadata]:
+        return md.metadata_of(self.conn, ids) if ids and self.meta() else {}
+
+    def set_metadata(self, rows: Iterable[tuple[str, Metadata]]) -> int:
+        if not self.meta():
+            return 0
+        with self.transaction() as conn:
+            return md.set_metadata(conn, rows)
+
+    def hashes_of(self, ids: Sequence[str]) -> dict[str, str]:
+        return md.hashes_of(self.conn, ids) if ids and self.meta() else {}
+
+    def ids_with_hashes(self, hashes: Sequence[str]) -> dict[str, list[str]]:
+        return md.ids_with_hashes(self.conn, hashes) if hashes and self.meta() else {}
+
+    def hash_groups(self) -> list[list[str]]:
+        return md.hash_groups(self.conn) if self.meta() else []
 
     def set_dba(self, spec: str | None) -> None:
         with self.transaction() as conn:
@@ -360,103 +380,22 @@ class SQLiteStore(Store):
             else:
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
+    def warm(self) -> int:
+        """The inverted file's centroids and codes (2 GB at 1M x 2048-d), through a
+        connection of its own: a server warms in the background while it answers."""
+        if not self.path.is_file():
+            return 0
+        conn = connect(self.path)
+        try:
+            return ivf.preload(conn)
+        finally:
+            conn.close()
+
     def search_mode(self) -> str:
-        """How ``knn`` searches now: ``exact`` or ``binary+rerank`` (large indexes)."""
-        if self.exact or not self.meta() or not coarse.exists(self.conn):
-            return coarse.MODE_EXACT
-        return coarse.MODE_BINARY
-
-    # -- writes ------------------------------------------------------------
-
-    def upsert(self, items: Iterable[Item], expected: Expected | None = None) -> int:
-        """Add or replace ``items`` in one transaction. Returns how many were written
-        (with ``expected``, rows another writer changed are left as they are)."""
-        n = 0
-        now = time.time()
-        with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
-            for it in items:
-                blob = _blob(it.vector)
-                row = conn.execute(
-                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
-                    (it.id,),
-                ).fetchone()
-                if expected is not None and not state_matches(_state(row), expected, it.id):
-                    continue
-                if row:
-                    rowid = row[0]
-                    conn.execute(
-                        "UPDATE images SET path=?, sha256=?, size=?, mtime_ns=?, embedding=?, "
-                        "updated_at=? WHERE rowid=?",
-                        (it.path, it.sha256, it.size, it.mtime_ns, blob, now, rowid),
-                    )
-                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (rowid,))
-                else:
-                    rowid = conn.execute(
-                        "INSERT INTO images (id, path, sha256, size, mtime_ns, embedding, "
-                        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (it.id, it.path, it.sha256, it.size, it.mtime_ns, blob, now),
-                    ).lastrowid
-                conn.execute(
-                    "INSERT INTO vec_images (rowid, embedding) VALUES (?, ?)", (rowid, blob)
-                )
-                if mirrored:
-                    coarse.add(conn, rowid, blob, replacing=row is not None)
-                n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
-        return n
-
-    # vec0 has no index to drop: bulk loads need no preparation (begin_bulk).
-    def end_bulk(self) -> None:
-        # An index built before the coarse table existed (or by a writer with another
-        # threshold) gets it now.
-        if self.meta():
-            with self.transaction() as conn:
-                coarse.sync(conn, self.fast_min_rows)
-
-    def touch(
-        self,
-        image_id: str,
-        path: str,
-        size: int,
-        mtime_ns: int,
-        expected: FileState | None = None,
-    ) -> bool:
-        """Record a new path/mtime for a file whose content did not change."""
-        with self.transaction() as conn:
-            if expected is not None:
-                row = conn.execute(
-                    "SELECT 0, path, sha256, size, mtime_ns FROM images WHERE id = ?", (image_id,)
-                ).fetchone()
-                if _state(row) != expected:
-                    return False
-            conn.execute(
-                "UPDATE images SET path=?, size=?, mtime_ns=? WHERE id=?",
-                (path, size, mtime_ns, image_id),
-            )
-        return True
-
-    def delete(self, ids: Iterable[str], expected: Expected | None = None) -> int:
-        n = 0
-        with self.transaction() as conn:
-            mirrored = coarse.exists(conn)
-            for image_id in ids:
-                row = conn.execute(
-                    "SELECT rowid, path, sha256, size, mtime_ns FROM images WHERE id = ?",
-                    (image_id,),
-                ).fetchone()
-                if expected is not None and not state_matches(_state(row), expected, image_id):
-                    continue
-                if row:
-                    conn.execute("DELETE FROM vec_images WHERE rowid = ?", (row[0],))
-                    conn.execute("DELETE FROM images WHERE rowid = ?", (row[0],))
-                    if mirrored:
-                        coarse.remove(conn, row[0])
-                    n += 1
-            if n:
-                coarse.sync(conn, self.fast_min_rows)
-        return n
+        """How ``knn`` searches now: ``exact`` or ``ivf+rerank`` (large indexes)."""
+        if self.exact or not self.meta() or not ivf.exists(self.conn):
+            return ivf.MODE_EXACT
+        return ivf.MODE_IVF
 
     def jobs(self) -> JobTable:
         return JobTable(
@@ -470,8 +409,3 @@ class SQLiteStore(Store):
     def lock_file(self) -> Path:
         """The API's write lock, beside the index."""
         return Path(f"{self.path}.writes-lock")
-
-
-def _state(row: Any) -> FileState | None:
-    """A (rowid, path, sha256, size, mtime_ns) row as a FileState."""
-    return FileState(*row[1:]) if row else None

@@ -1,7 +1,7 @@
 """Copying an index between stores (SQLite <-> PostgreSQL, or file to file).
 
-Rows travel in batches with their vectors as float32 bytes and the meta as it is,
-so the copy searches exactly like the original. Each batch is one transaction in
+Rows travel in batches with their vectors as float32 bytes, their metadata, and the
+meta as it is, so the copy searches (and filters) exactly like the original. Each batch is one transaction in
 the destination: an interrupted copy leaves a consistent index, and running the
 same copy again finishes it (rows are upserted by id).
 """
@@ -39,6 +39,9 @@ def copy_index(
     copied = 0
     for items in src.iter_items(batch):
         copied += dst.upsert(items)
+        ids = [it.id for it in items]
+        metadata = src.metadata_of(ids)
+        dst.set_metadata((i, metadata.get(i, {})) for i in ids)
         if on_progress:
             on_progress(len(items))
     dst.end_bulk()

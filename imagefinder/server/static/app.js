@@ -21,21 +21,29 @@ const el = {
   section: $("#results-section"),
   summary: $("#results-summary"),
   results: $("#results"),
+  more: $("#more"),
+  filters: $("#filters"),
+  filterChips: $("#filter-chips"),
 };
 
 const K_MIN = 1;
 const K_MAX = 100;
+const MAX_DEPTH = 1000; // k + offset, the deepest the server ranks
+const MAX_FILES = 10; // query images in one search
 // Written into the page by the server: the upload cap (0: unknown), and the command that
 // builds the index, for when there is none yet.
 const pageSetting = (name) => document.querySelector(`meta[name="imagefinder-${name}"]`)?.content || "";
 const MAX_UPLOAD = Number(pageSetting("max-upload-bytes")) || 0;
 const BUILD_COMMAND = pageSetting("build-command");
-let current = null; // {kind: "file", file, url} | {kind: "id", id} | {kind: "text", text}
+let current = null; // {kind: "file", files, url} | {kind: "id", id} | {kind: "text", text}
 let lastUpload = null; // what Back returns to once the walk's history runs out
 let latest = 0; // only the newest search may paint: clicks can outrun answers
 let catalogueSize = null;
 let searchedK = null; // typing "5" then leaving the field should search once, not twice
 let indexes = []; // from /health: [{name, model, vectors, text, ...}], the default first
+let filters = []; // [[column, value], ...]: metadata every result must have
+let nextOffset = null; // where the next page of the current search starts, or null
+let shown = 0; // results on screen for the current search
 
 // The chosen index's name, or "" for the default (the server's first).
 const chosenIndex = () => (el.index.value && indexes.length > 1 && el.index.value !== indexes[0].name ? el.index.value : "");
@@ -89,7 +97,7 @@ function explain(status, body) {
     case "invalid_request":
       return { text: current && current.kind === "text" && message
         ? `That text cannot be searched: ${message}`
-        : `The number of results must be between ${K_MIN} and ${K_MAX}.` };
+        : `That search cannot be run: ${message || `the number of results must be between ${K_MIN} and ${K_MAX}`}.` };
     case "text_not_supported":
       return { text: "This index only understands pictures, not words. Pick an index whose model reads text, or search with an image." };
     case "unknown_index":
@@ -129,10 +137,14 @@ function showQuery(query) {
     el.queryHeading.textContent = `“${query.text}”`;
     el.queryNote.textContent = "A description in words";
   } else if (query.kind === "file") {
+    const first = query.files[0];
+    const several = query.files.length > 1;
     el.queryImg.src = query.url;
-    el.queryImg.alt = `Your image${query.file.name ? ": " + query.file.name : ""}`;
-    el.queryHeading.textContent = "Your image";
-    el.queryNote.textContent = query.file.name || "Uploaded image";
+    el.queryImg.alt = `Your image${first.name ? ": " + first.name : ""}`;
+    el.queryHeading.textContent = several ? `Your ${query.files.length} images` : "Your image";
+    el.queryNote.textContent = several
+      ? "More like all of these: " + query.files.map((f) => f.name || "image").join(", ")
+      : first.name || "Uploaded image";
   } else {
     el.queryImg.src = withIndex(imageUrl(query.id));
     el.queryImg.alt = `Catalogue image ${query.id}`;
@@ -145,27 +157,42 @@ function showQuery(query) {
   el.query.hidden = false;
 }
 
-async function search(query, { focus = false } = {}) {
+// The options every search sends: k, the page's offset, the index and the filters.
+function searchOptions(k, offset) {
+  const options = [["k", String(k)]];
+  if (offset) options.push(["offset", String(offset)]);
+  if (chosenIndex()) options.push(["index", chosenIndex()]);
+  for (const [column, value] of filters) options.push(["filter", `${column}=${value}`]);
+  return options;
+}
+
+// A new search, or with {more: true} the next page of the current one, added below.
+async function search(query, { focus = false, more = false } = {}) {
   const mine = ++latest;
-  const k = readK();
+  const k = more ? searchedK : readK();
+  const offset = more ? nextOffset : 0;
   searchedK = k;
   current = query;
   clearError();
-  showQuery(query);
+  if (!more) showQuery(query);
   el.results.setAttribute("aria-busy", "true");
-  el.summary.textContent = "Searching…";
+  el.more.disabled = true;
+  if (!more) el.summary.textContent = "Searching…";
   let response;
   try {
     if (query.kind === "file" || query.kind === "text") {
       const form = new FormData();
-      if (query.kind === "file") form.append("file", query.file, query.file.name || "upload");
-      else form.append("q", query.text);
-      form.append("k", String(k));
-      if (chosenIndex()) form.append("index", chosenIndex());
+      if (query.kind === "file") {
+        for (const file of query.files) form.append("file", file, file.name || "upload");
+      } else {
+        form.append("q", query.text);
+      }
+      for (const [name, value] of searchOptions(k, offset)) form.append(name, value);
       const route = query.kind === "file" ? "/similarity-search" : "/text-search";
       response = await fetch(route, { method: "POST", body: form });
     } else {
-      response = await fetch(withIndex(`${imageUrl(query.id)}/similar?k=${k}`));
+      const params = new URLSearchParams(searchOptions(k, offset));
+      response = await fetch(`${imageUrl(query.id)}/similar?${params}`);
     }
   } catch (e) {
     if (mine !== latest) return;
@@ -180,15 +207,19 @@ async function search(query, { focus = false } = {}) {
   const body = await response.json().catch(() => null);
   if (mine !== latest) return;
   el.results.removeAttribute("aria-busy");
+  el.more.disabled = false;
   if (!response.ok || !body || !Array.isArray(body.results)) {
     showError(explain(response.status, body));
     return;
   }
-  render(body.results, k);
+  nextOffset = body.next_offset ?? null;
+  render(body.results, k, more);
   if (focus) el.queryHeading.focus();
 }
 
-function render(results, k) {
+const MATCH_LABEL = { exact: "Same file", near: "Near duplicate" };
+
+function render(results, k, more = false) {
   const items = results.map((r, i) => {
     const button = document.createElement("button");
     button.type = "button";
@@ -208,16 +239,64 @@ function render(results, k) {
     distance.textContent = `distance ${r.distance.toFixed(3)}`;
     button.append(img, name, distance);
     const li = document.createElement("li");
-    li.append(button);
+    li.className = "result";
+    li.append(button, details(r));
     return li;
   });
-  el.results.replaceChildren(...items);
+  if (more) el.results.append(...items);
+  else el.results.replaceChildren(...items);
+  shown = (more ? shown : 0) + results.length;
   const of = catalogueSize ? ` of ${catalogueSize.toLocaleString()}` : "";
-  el.summary.textContent = results.length
-    ? `The ${results.length} best matches${of} catalogue images, best first (distance 0 means identical). Pick one to search with it.`
-    : "No other images in the catalogue.";
-  if (results.length < k && results.length) el.summary.textContent += " (That is all of them.)";
+  const among = filters.length ? " with " + filters.map(([c, v]) => `${c} ${v}`).join(" and ") : "";
+  el.summary.textContent = shown
+    ? `The ${shown} best matches${of} catalogue images${among}, best first (distance 0 means identical). Pick one to search with it.`
+    : filters.length ? `No catalogue images${among}.` : "No other images in the catalogue.";
+  if (nextOffset === null && shown && results.length < k) el.summary.textContent += " (That is all of them.)";
+  el.more.hidden = nextOffset === null;
   el.section.hidden = false;
+}
+
+// Under each card: whether it is a copy of the query, and its metadata, each value a
+// button that keeps only images sharing it.
+function details(r) {
+  const box = document.createElement("div");
+  box.className = "card-extra";
+  if (r.match) {
+    const badge = document.createElement("span");
+    badge.className = `badge badge-${r.match}`;
+    badge.textContent = MATCH_LABEL[r.match] || r.match;
+    box.append(badge);
+  }
+  for (const [column, value] of Object.entries(r.metadata || {})) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip";
+    chip.dataset.column = column;
+    chip.dataset.value = value;
+    chip.title = `Only images with ${column} ${value}`;
+    chip.textContent = `${column}: ${value}`;
+    box.append(chip);
+  }
+  return box;
+}
+
+function showFilters() {
+  el.filterChips.replaceChildren(...filters.map(([column, value], i) => {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "chip chip-active";
+    chip.dataset.remove = String(i);
+    chip.setAttribute("aria-label", `Remove the filter ${column} ${value}`);
+    chip.textContent = `${column}: ${value} ×`;
+    return chip;
+  }));
+  el.filters.hidden = filters.length === 0;
+}
+
+function setFilters(next) {
+  filters = next;
+  showFilters();
+  if (current) search(current);
 }
 
 // Ids break after their slashes on narrow cards ("pagoda/" + "image_0004"), not mid-word.
@@ -226,15 +305,18 @@ function breakable(id) {
     i < parts.length - 1 ? [part + "/", document.createElement("wbr")] : [part]);
 }
 
-function upload(file) {
-  if (!file) return;
-  if (MAX_UPLOAD && file.size > MAX_UPLOAD) {
+function upload(fileList) {
+  const files = [...(fileList || [])].slice(0, MAX_FILES);
+  if (!files.length) return;
+  // The server's cap is on the whole request, whatever the number of files.
+  const total = files.reduce((sum, f) => sum + f.size, 0);
+  if (MAX_UPLOAD && total > MAX_UPLOAD) {
     latest += 1; // an answer still on its way for an earlier search must not paint over this
     showError(tooLarge(MAX_UPLOAD));
     return;
   }
   if (lastUpload && lastUpload.url) URL.revokeObjectURL(lastUpload.url);
-  lastUpload = { kind: "file", file, url: URL.createObjectURL(file) };
+  lastUpload = { kind: "file", files, url: URL.createObjectURL(files[0]) };
   if (location.hash) history.pushState(null, "", location.pathname);
   search(lastUpload);
 }
@@ -249,13 +331,30 @@ const idInHash = () => new URLSearchParams(location.hash.slice(1)).get("id");
 // -- wiring --------------------------------------------------------------------------
 
 el.file.addEventListener("change", () => {
-  upload(el.file.files[0]);
+  upload(el.file.files);
   el.file.value = ""; // so choosing the same file again searches again
 });
 
 el.results.addEventListener("click", (event) => {
+  const chip = event.target.closest(".chip");
+  if (chip) {
+    const rest = filters.filter(([column]) => column !== chip.dataset.column);
+    setFilters([...rest, [chip.dataset.column, chip.dataset.value]]);
+    return;
+  }
   const card = event.target.closest(".card");
   if (card) walkTo(card.dataset.id);
+});
+
+el.filterChips.addEventListener("click", (event) => {
+  const chip = event.target.closest(".chip");
+  if (chip) setFilters(filters.filter((_, i) => String(i) !== chip.dataset.remove));
+});
+
+el.more.addEventListener("click", () => {
+  if (current && nextOffset !== null && nextOffset + searchedK <= MAX_DEPTH) {
+    search(current, { more: true });
+  }
 });
 
 let kTimer = 0;
@@ -285,14 +384,15 @@ window.addEventListener("drop", (e) => {
   e.preventDefault();
   dragDepth = 0;
   el.drop.classList.remove("over");
-  upload(e.dataTransfer && e.dataTransfer.files[0]);
+  upload(e.dataTransfer && e.dataTransfer.files);
 });
 window.addEventListener("paste", (e) => {
-  const file = e.clipboardData && e.clipboardData.files[0];
-  if (file) upload(file);
+  const files = e.clipboardData && e.clipboardData.files;
+  if (files && files.length) upload(files);
 });
 
 window.addEventListener("popstate", () => {
+  if (location.hash.startsWith("#duplicates")) return; // duplicates.js shows that view
   const id = idInHash();
   if (id) search({ kind: "id", id });
   else if (lastUpload) search(lastUpload);
