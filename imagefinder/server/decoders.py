@@ -129,10 +129,13 @@ class Decoders:
         return result
 
     def close(self) -> None:
+        """End the workers and wait for them (the server is shutting down, its requests
+        answered): a pool left to end on its own leaves its semaphores to the resource
+        tracker, which reports them as leaked into the server's log."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _sendable(source: bytes | str | Path) -> bytes | str:
