@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,7 +13,85 @@ from .base import command, db_option, load_settings
 from .progress import Progress
 
 if TYPE_CHECKING:
-    from ..download import Outcome
+    from collections.abc import Callable
+
+    from ..config import Settings
+    from ..download import DownloadOptions, Outcome
+
+
+def fetch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The downloader's options, for every command that fetches a catalogue."""
+    for option in reversed(
+        [
+            click.option(
+                "--workers",
+                default=8,
+                show_default=True,
+                type=click.IntRange(1, 64),
+                help="Concurrent downloads.",
+            ),
+            click.option(
+                "--timeout",
+                default=20.0,
+                show_default=True,
+                type=click.FloatRange(0.1),
+                help="Seconds to wait for a server before retrying.",
+            ),
+            click.option(
+                "--deadline",
+                default=120.0,
+                show_default=True,
+                type=click.FloatRange(1),
+                help="Seconds one file may take in all: attempts, retries and a slow server.",
+            ),
+            click.option(
+                "--allow-private",
+                is_flag=True,
+                help="Also download from loopback, private and link-local addresses (refused "
+                "by default: a catalogue URL must not reach this machine's or this network's "
+                "services).",
+            ),
+            click.option(
+                "--retries",
+                default=3,
+                show_default=True,
+                type=click.IntRange(0, 10),
+                help="Retries for timeouts, dropped connections, 429 and 5xx.",
+            ),
+            click.option(
+                "--max-mb",
+                default=50,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Largest file accepted, in MB.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def fetch_settings(
+    settings: Settings,
+    workers: int,
+    timeout: float,
+    deadline: float,
+    retries: int,
+    max_mb: int,
+    allow_private: bool,
+) -> DownloadOptions:
+    """``DownloadOptions`` from ``fetch_options``' values."""
+    from ..download import DownloadOptions
+
+    return DownloadOptions(
+        timeout=timeout,
+        retries=retries,
+        max_bytes=max_mb * 1024 * 1024,
+        max_pixels=settings.max_pixels,
+        workers=workers,
+        deadline=deadline,
+        allow_private=allow_private,
+    )
 
 
 @command()
@@ -37,47 +115,7 @@ if TYPE_CHECKING:
     type=click.Path(dir_okay=False),
     help="Where to write every row's outcome (default: <output-dir>/manifest.csv).",
 )
-@click.option(
-    "--workers",
-    default=8,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Concurrent downloads.",
-)
-@click.option(
-    "--timeout",
-    default=20.0,
-    show_default=True,
-    type=click.FloatRange(0.1),
-    help="Seconds to wait for a server before retrying.",
-)
-@click.option(
-    "--deadline",
-    default=120.0,
-    show_default=True,
-    type=click.FloatRange(1),
-    help="Seconds one file may take in all: attempts, retries and a slow server.",
-)
-@click.option(
-    "--allow-private",
-    is_flag=True,
-    help="Also download from loopback, private and link-local addresses (refused by "
-    "default: a catalogue URL must not reach this machine's or this network's services).",
-)
-@click.option(
-    "--retries",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0, 10),
-    help="Retries for timeouts, dropped connections, 429 and 5xx.",
-)
-@click.option(
-    "--max-mb",
-    default=50,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Largest file accepted, in MB.",
-)
+@fetch_options
 def download(
     csv_file: str,
     output_dir: str,
@@ -95,22 +133,14 @@ def download(
     written to metadata.csv in the output folder, which `extract` reads.
     """
     from ..catalog import catalog_columns, read_catalog
-    from ..download import Downloader, DownloadOptions, write_manifest
+    from ..download import Downloader, write_manifest
     from ..metadata import SIDECAR, write_sidecar
 
     if not Path(csv_file).is_file():
         raise click.UsageError(f"{csv_file}: no such file; pass the catalogue CSV with --csv_file")
     rows = read_catalog(csv_file)
     settings = load_settings()
-    options = DownloadOptions(
-        timeout=timeout,
-        retries=retries,
-        max_bytes=max_mb * 1024 * 1024,
-        max_pixels=settings.max_pixels,
-        workers=workers,
-        deadline=deadline,
-        allow_private=allow_private,
-    )
+    options = fetch_settings(settings, workers, timeout, deadline, retries, max_mb, allow_private)
     downloader = Downloader(output_dir, options)
     refused = {row.line for row in rows if row.problem}
     with Progress("Downloading", len(rows)) as progress:

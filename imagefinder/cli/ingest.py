@@ -9,7 +9,7 @@ import click
 
 from ..model.registry import MODELS
 from .base import command, db_option, load_settings
-from .catalogue import nothing_downloaded
+from .catalogue import fetch_options, fetch_settings, nothing_downloaded
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -55,42 +55,11 @@ if TYPE_CHECKING:
 @click.option("--weights", help="The model's weights (also $IMAGEFINDER_WEIGHTS).")
 @click.option("--batch-size", type=click.IntRange(1, 256), help="Images per forward pass.")
 @click.option(
-    "--workers",
-    default=8,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Concurrent downloads.",
-)
-@click.option(
     "--decode-workers",
     default=2,
     show_default=True,
     type=click.IntRange(1, 32),
     help="Decoding threads.",
-)
-@click.option(
-    "--timeout",
-    default=20.0,
-    show_default=True,
-    type=click.FloatRange(0.1),
-    help="Seconds to wait for a server before retrying.",
-)
-@click.option(
-    "--deadline",
-    default=120.0,
-    show_default=True,
-    type=click.FloatRange(1),
-    help="Seconds one file may take in all: attempts, retries and a slow server.",
-)
-@click.option(
-    "--retries",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0, 10),
-    help="Retries for timeouts, dropped connections, 429 and 5xx.",
-)
-@click.option(
-    "--max-mb", default=50, show_default=True, type=click.IntRange(1), help="Largest file, in MB."
 )
 @click.option(
     "--engine",
@@ -120,11 +89,7 @@ if TYPE_CHECKING:
     help="--engine ray: CPUs Ray reserves per actor (fractions let downloads run beside "
     "them on a small machine).",
 )
-@click.option(
-    "--allow-private",
-    is_flag=True,
-    help="Also download from loopback, private and link-local addresses (refused by default).",
-)
+@fetch_options
 def ingest(
     csv_file: str,
     output_dir: str,
@@ -152,7 +117,7 @@ def ingest(
     """
     from .. import augment
     from ..catalog import read_catalog
-    from ..download import Downloader, DownloadOptions
+    from ..download import Downloader
     from ..indexer import LiveStates, Summary, Writer, finish_run
     from ..ingest import Ingest, downloads
     from ..rayengine import RayOptions
@@ -162,15 +127,7 @@ def ingest(
         raise click.UsageError(f"{csv_file}: no such file; pass the catalogue CSV with --csv")
     rows = read_catalog(csv_file)
     settings = load_settings(db=db, batch_size=batch_size)
-    options = DownloadOptions(
-        timeout=timeout,
-        retries=retries,
-        max_bytes=max_mb * 1024 * 1024,
-        max_pixels=settings.max_pixels,
-        workers=workers,
-        deadline=deadline,
-        allow_private=allow_private,
-    )
+    options = fetch_settings(settings, workers, timeout, deadline, retries, max_mb, allow_private)
     service = Service(settings)
     store = service.store
     name, chosen_weights = service.choose_model(model, weights)
