@@ -10,7 +10,10 @@ Paths, each a fresh output folder and index, each a real command in a subprocess
 - (b) ``imagefinder ingest`` (download and embed in one streaming pass);
 - (c) ``imagefinder ingest --engine ray`` on a Ray cluster the command starts on this
   machine, with 1 and with 2 embedding actors (0.5 CPU each). Its time includes starting
-  the cluster: that is what Ray costs on one machine.
+  the cluster: that is what Ray costs on one machine for a single run.
+- (d) the same command with ``--ray-address`` on a cluster already running on this
+  machine (``ray start --head``, timed on its own), as the README's Ray section runs it:
+  1 and 2 actors. Its memory counts the cluster's processes too.
 
 For each: wall seconds, images/s, and the peak RSS of the process tree (sampled every
 0.1 s: the command and every process it started, Ray's included; shared pages count
@@ -70,10 +73,13 @@ def catalogue(server: FileServer, path: Path, prefix: str = "") -> int:
 
 
 class PeakRSS:
-    """The largest summed RSS of a process and its descendants, sampled every 0.1 s."""
+    """The largest summed RSS of a process and its descendants, sampled every 0.1 s;
+    with ``since``, also of every process started on the machine since that time (a
+    running Ray cluster's: not the command's descendants)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, since: float | None = None):
         self.root = psutil.Process(pid)
+        self.since = since
         self.peak = 0
         # The same tree's proportional set size: shared pages (libraries, Ray's object
         # store) split between the processes sharing them, so it sums to real memory.
@@ -89,6 +95,13 @@ class PeakRSS:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
+            if self.since is not None:
+                seen = {p.pid for p in procs} | {os.getpid()}
+                procs += [
+                    p
+                    for p in psutil.process_iter(["create_time"])
+                    if p.pid not in seen and (p.info["create_time"] or 0) >= self.since
+                ]
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     info = p.memory_full_info()
@@ -105,8 +118,11 @@ class PeakRSS:
         return round(self.peak / 2**20, 1), round(self.peak_pss / 2**20, 1)
 
 
-def command(args: list[str], log: Path) -> tuple[float, tuple[float, float], str]:
-    """Run ``python -m imagefinder ARGS``; (seconds, peak tree RSS and PSS MB, output)."""
+def command(
+    args: list[str], log: Path, since: float | None = None
+) -> tuple[float, tuple[float, float], str]:
+    """Run ``python -m imagefinder ARGS``; (seconds, peak tree RSS and PSS MB, output).
+    ``since``: see PeakRSS."""
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -116,7 +132,7 @@ def command(args: list[str], log: Path) -> tuple[float, tuple[float, float], str
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        rss = PeakRSS(proc.pid)
+        rss = PeakRSS(proc.pid, since)
         code = proc.wait()
         peak = rss.stop()
     seconds = time.monotonic() - started
@@ -140,46 +156,142 @@ def path_row(
     }
 
 
-def paths(work: Path, csv_path: Path, n: int, model: str, ray: bool) -> list[dict]:
-    rows = []
-    a = work / "a"
-    d_s, d_rss, _ = command(
-        ["download", "--csv_file", str(csv_path), "--output-dir", str(a / "images"),
-         "--allow-private"], work / "a-download.log",
-    )  # fmt: skip
-    e_s, e_rss, _ = command(
-        ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
-         "--model", model], work / "a-extract.log",
-    )  # fmt: skip
-    rows.append(
-        path_row(
-            "(a) download, then extract", n, round(d_s + e_s, 2), max(d_rss, e_rss),
+SMALL = ", first {} photos"
+
+
+def paths(
+    work: Path, sizes: list[tuple[Path, int]], model: str, ray: bool, rounds: int
+) -> list[dict]:
+    """Every path ``rounds`` times, one round after another (so a slow spell of the
+    machine falls on every path alike); each row keeps every run and reports the median
+    run (by time). ``sizes``: (csv, rows), the whole set first; (b), (c) and (d) also run
+    on the others, which separates each path's fixed cost from its cost per photo."""
+    runs: dict[str, list[dict]] = {}
+    count: dict[str, int] = {}
+    full = sizes[0][1]
+
+    def record(name: str, n: int, seconds: float, peak: tuple[float, float], **extra: object):
+        name += "" if n == full else SMALL.format(n)
+        count[name] = n
+        runs.setdefault(name, []).append({"seconds": seconds, "peak": peak, **extra})
+        print(f"{name}: {seconds} s, peak RSS/PSS {peak} MB {extra or ''}", flush=True)
+
+    def ingest(folder: Path, csv_path: Path, *more: str) -> list[str]:
+        return [
+            "ingest", "--csv", str(csv_path), "--output-dir", str(folder / "images"),
+            "--db", str(folder / "index.db"), "--model", model, "--allow-private", *more,
+        ]  # fmt: skip
+
+    for r in range(rounds):
+        a = work / f"a{r}"
+        d_s, d_rss, _ = command(
+            ["download", "--csv_file", str(sizes[0][0]), "--output-dir", str(a / "images"),
+             "--allow-private"], work / f"a{r}-download.log",
+        )  # fmt: skip
+        e_s, e_rss, _ = command(
+            ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
+             "--model", model], work / f"a{r}-extract.log",
+        )  # fmt: skip
+        record(
+            "(a) download, then extract", full, round(d_s + e_s, 2), max(d_rss, e_rss),
             stages={"download_s": d_s, "extract_s": e_s},
-        )
-    )  # fmt: skip
-    print(rows[-1], flush=True)
-    b = work / "b"
-    s, rss, _ = command(
-        ["ingest", "--csv", str(csv_path), "--output-dir", str(b / "images"),
-         "--db", str(b / "index.db"), "--model", model, "--allow-private"], work / "b.log",
-    )  # fmt: skip
-    rows.append(path_row("(b) ingest, streaming", n, s, rss))
-    print(rows[-1], flush=True)
-    if ray:
-        # 1 actor, 2 actors, then 1 again: the first start of Ray on a machine also warms
-        # its disk caches, so the third row is 1 actor without that.
-        for run, actors in enumerate((1, 2, 1)):
-            c = work / f"c{run}"
-            s, rss, _ = command(
-                ["ingest", "--csv", str(csv_path), "--output-dir", str(c / "images"),
-                 "--db", str(c / "index.db"), "--model", model, "--allow-private",
-                 "--engine", "ray", "--actors", str(actors), "--actor-cpus", "0.5"],
-                work / f"c{run}.log",
-            )  # fmt: skip
-            again = " (again)" if run == 2 else ""
-            rows.append(path_row(f"(c) ingest --engine ray, {actors} actor(s){again}", n, s, rss))
-            print(rows[-1], flush=True)
+        )  # fmt: skip
+        for csv_path, n in sizes:
+            b = work / f"b{r}-{n}"
+            s, rss, _ = command(ingest(b, csv_path), work / f"b{r}-{n}.log")
+            record("(b) ingest, streaming", n, s, rss)
+            if not ray:
+                continue
+            for actors in (1, 2):
+                c = work / f"c{r}-{n}-{actors}"
+                more = ("--engine", "ray", "--actors", str(actors), "--actor-cpus", "0.5")
+                s, rss, _ = command(ingest(c, csv_path, *more), work / f"c{r}-{n}-{actors}.log")
+                record(f"(c) ingest --engine ray, {actors} actor(s)", n, s, rss)
+        if not ray:
+            continue
+        with RayCluster(work / f"ray-start{r}.log") as cluster:
+            for csv_path, n in sizes:
+                for actors in (1, 2):
+                    d = work / f"d{r}-{n}-{actors}"
+                    more = ("--engine", "ray", "--ray-address", cluster.address,
+                            "--actors", str(actors), "--actor-cpus", "0.5")  # fmt: skip
+                    s, rss, _ = command(
+                        ingest(d, csv_path, *more), work / f"d{r}-{n}-{actors}.log",
+                        since=cluster.started,
+                    )  # fmt: skip
+                    record(
+                        f"(d) ingest --engine ray on a running cluster, {actors} actor(s)",
+                        n, s, rss, cluster_start_s=cluster.seconds,
+                    )  # fmt: skip
+    rows = []
+    for name, done in runs.items():
+        ordered = sorted(done, key=lambda run: run["seconds"])
+        median = ordered[(len(ordered) - 1) // 2]
+        extra = {k: v for k, v in median.items() if k not in ("seconds", "peak")}
+        rows.append(
+            path_row(
+                name, count[name], median["seconds"], median["peak"],
+                runs_s=[run["seconds"] for run in done], **extra,
+            )
+        )  # fmt: skip
     return rows
+
+
+def costs(r: dict) -> list[dict]:
+    """Each path's fixed cost and cost per photo, from its median times on the whole set
+    and on the small one (a straight line through the two)."""
+    out = []
+    for p in r["paths"]:
+        small = next((q for q in r["paths"] if q["path"].startswith(p["path"] + ", first")), None)
+        if small is None or small["images"] >= p["images"]:
+            continue
+        per = (p["seconds"] - small["seconds"]) / (p["images"] - small["images"])
+        out.append(
+            {
+                "path": p["path"],
+                "fixed_s": round(p["seconds"] - per * p["images"], 2),
+                "per_photo_ms": round(per * 1000, 1),
+            }
+        )
+    base = next((c for c in out if c["path"].startswith("(b)")), None)
+    for c in out:
+        c["per_photo_vs_b"] = round(c["per_photo_ms"] / base["per_photo_ms"], 2) if base else None
+    return out
+
+
+class RayCluster:
+    """``ray start --head`` on this machine (its start timed), ``ray stop`` at the end."""
+
+    def __init__(self, log: Path):
+        self.log = log
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.ray = str(Path(sys.executable).with_name("ray"))
+
+    def __enter__(self) -> RayCluster:
+        self.started = time.time() - 1  # create_time has a coarse clock
+        t = time.monotonic()
+        with open(self.log, "w") as out:
+            subprocess.run(
+                [self.ray, "start", "--head", "--port", str(self.port),
+                 "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false",
+                 "--disable-usage-stats"],
+                stdout=out, stderr=subprocess.STDOUT, check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+        self.seconds = round(time.monotonic() - t, 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run([self.ray, "stop", "--force"], capture_output=True, check=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def latencies(url: str, photo: bytes, count: int) -> list[float]:
@@ -201,10 +313,10 @@ def summary(ms: list[float]) -> dict:
     }
 
 
-def search_during_job(work: Path, server: FileServer, model: str, count: int) -> dict:
+def search_during_job(work: Path, db: Path, server: FileServer, model: str, count: int) -> dict:
     """p50 of searches on the index from (b), idle and while a job ingests 500 photos."""
     env = {
-        "IMAGEFINDER_DB": str(work / "b" / "index.db"),
+        "IMAGEFINDER_DB": str(db),
         "IMAGEFINDER_IMAGES_DIR": str(work / "server-images"),
         "IMAGEFINDER_API_TOKEN": TOKEN,
         "IMAGEFINDER_JOB_ALLOW_PRIVATE": "1",
@@ -255,25 +367,57 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`, {r['date']}, {r['machine']}, model {r['model']}.",
         "",
-        f"{r['images']} Caltech photos served by a local HTTP server (tests/file_server.py).",
+        f"{r['images']} Caltech photos served by a local HTTP server (tests/file_server.py)"
+        + (
+            f", which waits {r['latency_s'] * 1000:.0f} ms before each answer."
+            if r.get("latency_s")
+            else "."
+        ),
+        f"Every path ran {r.get('rounds', 1)} times, round after round; each row is its "
+        "median run (s: that run; all runs listed).",
         "Peak RSS and PSS: the command's whole process tree (Ray's processes included), "
         "sampled every 0.1 s. RSS counts shared pages once per process; PSS splits them.",
         "",
-        "| path | s | images/s | peak RSS MB | peak PSS MB | vs (b) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| path | s | runs s | images/s | peak RSS MB | peak PSS MB | vs (b) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = next(p for p in r["paths"] if p["path"].startswith("(b)"))
     for p in r["paths"]:
+        base = next(
+            q for q in r["paths"] if q["path"].startswith("(b)") and q["images"] == p["images"]
+        )
         ratio = p["seconds"] / base["seconds"]
+        runs = ", ".join(str(x) for x in p.get("runs_s", [p["seconds"]]))
         lines.append(
-            f"| {p['path']} | {p['seconds']} | {p['images_per_s']} | {p['peak_rss_mb']} | "
-            f"{p['peak_pss_mb']} | {ratio:.2f}x time |"
+            f"| {p['path']} | {p['seconds']} | {runs} | {p['images_per_s']} | "
+            f"{p['peak_rss_mb']} | {p['peak_pss_mb']} | {ratio:.2f}x time |"
         )
     a = next(p for p in r["paths"] if p["path"].startswith("(a)"))
     lines += [
         "",
         f"(a) = download {a['stages']['download_s']} s + extract {a['stages']['extract_s']} s.",
     ]
+    if r.get("costs"):
+        lines += [
+            "",
+            "Fixed cost and cost per photo: a straight line through each path's median on "
+            "the whole set and on the small one.",
+            "",
+            "| path | fixed s | ms per photo | per photo vs (b) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for c in r["costs"]:
+            lines.append(
+                f"| {c['path']} | {c['fixed_s']} | {c['per_photo_ms']} | "
+                f"{c['per_photo_vs_b']:.2f}x |"
+            )
+    d = next((p for p in r["paths"] if p["path"].startswith("(d)")), None)
+    if d:
+        lines += [
+            "",
+            f"(d): `ray start --head` took {d['cluster_start_s']} s (in the median run's "
+            "round) before the runs, not counted in their time; their memory includes the "
+            "cluster's processes.",
+        ]
     if r.get("search"):
         s = r["search"]
         lines += [
@@ -296,6 +440,17 @@ def main() -> int:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--skip-ray", action="store_true", help="leave out path (c)")
     parser.add_argument("--searches", type=int, default=40, help="searches per latency sample")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of every path; the median is reported"
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0,
+        help="seconds the file server waits before each answer (a remote host's round trip)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--small", type=int, default=50,
+        help="also run (b)-(d) on the first N photos: fixed cost against cost per photo",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (a check)")
     parser.add_argument("--commit", action="store_true", help="write bench/results/ingest.*")
@@ -306,19 +461,30 @@ def main() -> int:
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="imagefinder-ingest-bench-"))
     try:
-        with FileServer(CALTECH) as server:
+        with FileServer(CALTECH, delay=args.latency) as server:
             csv_path = work / "caltech.csv"
             n = catalogue(server, csv_path)
+            sizes = [(csv_path, n)]
+            if 0 < args.small < n:
+                lines = csv_path.read_text().splitlines(keepends=True)
+                small = work / "small.csv"
+                small.write_text("".join(lines[: args.small + 1]))
+                sizes.append((small, args.small))
             result = {
-                "command": "python bench/ingest.py" + (" --commit" if args.commit else ""),
+                "command": "python bench/ingest.py" + " ".join(["", *sys.argv[1:]]),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                 f"load {os.getloadavg()[0]:.2f} at start",
                 "model": args.model,
+                "latency_s": args.latency,
                 "images": n,
-                "paths": paths(work, csv_path, n, args.model, not args.skip_ray),
+                "rounds": args.rounds,
+                "paths": paths(work, sizes, args.model, not args.skip_ray, args.rounds),
             }
-            result["search"] = search_during_job(work, server, args.model, args.searches)
+            result["costs"] = costs(result)
+            result["search"] = search_during_job(
+                work, work / f"b0-{n}" / "index.db", server, args.model, args.searches
+            )
         result["seconds"] = round(time.time() - started, 1)
     finally:
         if args.keep:
@@ -328,9 +494,10 @@ def main() -> int:
     print(markdown(result))
     if args.commit:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "ingest.md").write_text(markdown(result))
-        print(f"wrote {RESULTS / 'ingest.json'} and {RESULTS / 'ingest.md'}")
+        name = "ingest" + (f"-latency-{round(args.latency * 1000)}ms" if args.latency else "")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.md").write_text(markdown(result))
+        print(f"wrote {RESULTS / name}.json and .md")
     return 0
 
 

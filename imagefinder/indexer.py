@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
-import torch
 from PIL.Image import Image as PILImage
 
 from . import augment
@@ -28,14 +27,20 @@ from .errors import ImageError
 from .files import sha256_file
 from .images import is_image_path, load_rgb
 from .metadata import read_sidecar
-from .model.embedder import Embedder
 from .store import FileState, Item, Store
+
+if TYPE_CHECKING:
+    # Not at run time: the Ray engine's download tasks import this module for the
+    # writer's types, and each would otherwise pay torch's import (1.5 s, ~300 MB).
+    import torch
+
+    from .model.embedder import Embedder
 
 T = TypeVar("T")
 R = TypeVar("R")
 # What a decode worker hands back: the file, its hash, its tensor (None when its content
 # is already indexed), or the reason it was skipped.
-Prepared = tuple["Candidate", str | None, torch.Tensor | None, str | None]
+Prepared = tuple["Candidate", str | None, "torch.Tensor | None", str | None]
 
 
 @dataclass
@@ -278,6 +283,8 @@ class Writer:
         batch, self.batch = self.batch, []
         if not batch:
             return
+        import torch
+
         vectors = self.embedder.embed_tensors(torch.stack([t for _, _, t in batch]))
         self.write([(c, digest, v) for (c, digest, _), v in zip(batch, vectors, strict=True)])
 

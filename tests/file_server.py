@@ -3,7 +3,8 @@ and the ingestion benchmark.
 
 ``hold(name, until)`` makes requests for ``name`` wait until ``until()`` is true (or
 ``hold_timeout`` passes, then 503): a test can make one download finish only after
-something else happened. Every request's path is counted in ``hits``.
+something else happened. ``delay`` seconds pass before every answer (a remote host's
+round trip, for the ingestion benchmark). Every request's path is counted in ``hits``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 
 class FileServer:
-    def __init__(self, folder: Path, hold_timeout: float = 30.0):
+    def __init__(self, folder: Path, hold_timeout: float = 30.0, delay: float = 0.0):
         self.folder = folder
+        self.delay = delay
         self.hits: Counter[str] = Counter()
         self.holds: dict[str, Callable[[], bool]] = {}
         self.hold_timeout = hold_timeout
@@ -34,6 +36,8 @@ class FileServer:
                 name = self.path.lstrip("/")
                 with server._lock:
                     server.hits[name] += 1
+                if server.delay:
+                    time.sleep(server.delay)
                 until = server.holds.get(name)
                 if until is not None:
                     deadline = time.monotonic() + server.hold_timeout
