@@ -61,13 +61,16 @@ TOKEN = "bench-ingest-token"
 LIMIT = [0]  # --limit: the first N photos only (a quick check of the script itself)
 
 
-def catalogue(server: FileServer, path: Path, prefix: str = "") -> int:
-    """A url,id CSV of every Caltech photo on ``server``; returns the row count."""
+def catalogue(server: FileServer, path: Path, prefix: str = "", repeat: int = 1) -> int:
+    """A url,id CSV of every Caltech photo on ``server``, each ``repeat`` times under as
+    many ids (each a row to download and embed); returns the row count."""
     rows = []
     photos = sorted(CALTECH.glob("*/*.jpg"))
-    for photo in photos[: LIMIT[0] or len(photos)]:
-        rel = photo.relative_to(CALTECH).as_posix()
-        rows.append(f"{server.url(rel)},{prefix}{rel.replace('/', '__')[:-4]}")
+    for k in range(repeat):
+        suffix = f"__copy{k}" if k else ""
+        for photo in photos[: LIMIT[0] or len(photos)]:
+            rel = photo.relative_to(CALTECH).as_posix()
+            rows.append(f"{server.url(rel)},{prefix}{rel.replace('/', '__')[:-4]}{suffix}")
     path.write_text("url,id\n" + "\n".join(rows) + "\n")
     return len(rows)
 
@@ -160,12 +163,18 @@ SMALL = ", first {} photos"
 
 
 def paths(
-    work: Path, sizes: list[tuple[Path, int]], model: str, ray: bool, rounds: int
+    work: Path,
+    sizes: list[tuple[Path, int]],
+    model: str,
+    which: str,
+    rounds: int,
+    actor_counts: tuple[int, ...] = (1, 2),
 ) -> list[dict]:
     """Every path ``rounds`` times, one round after another (so a slow spell of the
     machine falls on every path alike); each row keeps every run and reports the median
     run (by time). ``sizes``: (csv, rows), the whole set first; (b), (c) and (d) also run
-    on the others, which separates each path's fixed cost from its cost per photo."""
+    on the others, which separates each path's fixed cost from its cost per photo.
+    ``which``: the paths' letters; ``actor_counts``: the Ray paths' actor pools."""
     runs: dict[str, list[dict]] = {}
     count: dict[str, int] = {}
     full = sizes[0][1]
@@ -183,35 +192,35 @@ def paths(
         ]  # fmt: skip
 
     for r in range(rounds):
-        a = work / f"a{r}"
-        d_s, d_rss, _ = command(
-            ["download", "--csv_file", str(sizes[0][0]), "--output-dir", str(a / "images"),
-             "--allow-private"], work / f"a{r}-download.log",
-        )  # fmt: skip
-        e_s, e_rss, _ = command(
-            ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
-             "--model", model], work / f"a{r}-extract.log",
-        )  # fmt: skip
-        record(
-            "(a) download, then extract", full, round(d_s + e_s, 2), max(d_rss, e_rss),
-            stages={"download_s": d_s, "extract_s": e_s},
-        )  # fmt: skip
+        if "a" in which:
+            a = work / f"a{r}"
+            d_s, d_rss, _ = command(
+                ["download", "--csv_file", str(sizes[0][0]), "--output-dir",
+                 str(a / "images"), "--allow-private"], work / f"a{r}-download.log",
+            )  # fmt: skip
+            e_s, e_rss, _ = command(
+                ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
+                 "--model", model], work / f"a{r}-extract.log",
+            )  # fmt: skip
+            record(
+                "(a) download, then extract", full, round(d_s + e_s, 2), max(d_rss, e_rss),
+                stages={"download_s": d_s, "extract_s": e_s},
+            )  # fmt: skip
         for csv_path, n in sizes:
-            b = work / f"b{r}-{n}"
-            s, rss, _ = command(ingest(b, csv_path), work / f"b{r}-{n}.log")
-            record("(b) ingest, streaming", n, s, rss)
-            if not ray:
-                continue
-            for actors in (1, 2):
+            if "b" in which:
+                b = work / f"b{r}-{n}"
+                s, rss, _ = command(ingest(b, csv_path), work / f"b{r}-{n}.log")
+                record("(b) ingest, streaming", n, s, rss)
+            for actors in actor_counts if "c" in which else ():
                 c = work / f"c{r}-{n}-{actors}"
                 more = ("--engine", "ray", "--actors", str(actors), "--actor-cpus", "0.5")
                 s, rss, _ = command(ingest(c, csv_path, *more), work / f"c{r}-{n}-{actors}.log")
                 record(f"(c) ingest --engine ray, {actors} actor(s)", n, s, rss)
-        if not ray:
+        if "d" not in which:
             continue
         with RayCluster(work / f"ray-start{r}.log") as cluster:
             for csv_path, n in sizes:
-                for actors in (1, 2):
+                for actors in actor_counts:
                     d = work / f"d{r}-{n}-{actors}"
                     more = ("--engine", "ray", "--ray-address", cluster.address,
                             "--actors", str(actors), "--actor-cpus", "0.5")  # fmt: skip
@@ -367,7 +376,13 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`, {r['date']}, {r['machine']}, model {r['model']}.",
         "",
-        f"{r['images']} Caltech photos served by a local HTTP server (tests/file_server.py)"
+        (
+            f"{r['images']} rows, the Caltech photos each listed {r['repeat']} times under "
+            "as many ids,"
+            if r.get("repeat", 1) > 1
+            else f"{r['images']} Caltech photos"
+        )
+        + " served by a local HTTP server (tests/file_server.py)"
         + (
             f", which waits {r['latency_s'] * 1000:.0f} ms before each answer."
             if r.get("latency_s")
@@ -391,11 +406,12 @@ def markdown(r: dict) -> str:
             f"| {p['path']} | {p['seconds']} | {runs} | {p['images_per_s']} | "
             f"{p['peak_rss_mb']} | {p['peak_pss_mb']} | {ratio:.2f}x time |"
         )
-    a = next(p for p in r["paths"] if p["path"].startswith("(a)"))
-    lines += [
-        "",
-        f"(a) = download {a['stages']['download_s']} s + extract {a['stages']['extract_s']} s.",
-    ]
+    a = next((p for p in r["paths"] if p["path"].startswith("(a)")), None)
+    if a:
+        lines += [
+            "",
+            f"(a) = download {a['stages']['download_s']} s + extract {a['stages']['extract_s']} s.",
+        ]
     if r.get("costs"):
         lines += [
             "",
@@ -443,6 +459,12 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs of every path; the median is reported"
     )
+    parser.add_argument("--paths", default="a,b,c,d", help="which paths to run, e.g. b,d")
+    parser.add_argument("--actors", default="1,2", help="the Ray paths' actor counts")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="list every photo this many times, under as many ids (a larger catalogue)",
+    )  # fmt: skip
     parser.add_argument(
         "--latency", type=float, default=0.0,
         help="seconds the file server waits before each answer (a remote host's round trip)",
@@ -458,12 +480,17 @@ def main() -> int:
     if args.commit and args.limit:
         parser.error("--commit records the whole set: drop --limit")
     LIMIT[0] = args.limit
+    which = args.paths.replace(",", "")
+    if args.skip_ray:
+        which = which.replace("c", "").replace("d", "")
+    if "b" not in which:
+        parser.error("--paths needs b: every path is compared with it")
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="imagefinder-ingest-bench-"))
     try:
         with FileServer(CALTECH, delay=args.latency) as server:
             csv_path = work / "caltech.csv"
-            n = catalogue(server, csv_path)
+            n = catalogue(server, csv_path, repeat=args.repeat)
             sizes = [(csv_path, n)]
             if 0 < args.small < n:
                 lines = csv_path.read_text().splitlines(keepends=True)
@@ -477,9 +504,17 @@ def main() -> int:
                 f"load {os.getloadavg()[0]:.2f} at start",
                 "model": args.model,
                 "latency_s": args.latency,
+                "repeat": args.repeat,
                 "images": n,
                 "rounds": args.rounds,
-                "paths": paths(work, sizes, args.model, not args.skip_ray, args.rounds),
+                "paths": paths(
+                    work,
+                    sizes,
+                    args.model,
+                    which,
+                    args.rounds,
+                    tuple(int(x) for x in args.actors.split(",")),
+                ),  # fmt: skip
             }
             result["costs"] = costs(result)
             result["search"] = search_during_job(
@@ -495,6 +530,7 @@ def main() -> int:
     if args.commit:
         RESULTS.mkdir(exist_ok=True)
         name = "ingest" + (f"-latency-{round(args.latency * 1000)}ms" if args.latency else "")
+        name += f"-{n}" if args.repeat > 1 else ""
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{name}.md").write_text(markdown(result))
         print(f"wrote {RESULTS / name}.json and .md")
