@@ -52,7 +52,7 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(BENCH)]  # this checkout first
 
 from file_server import FileServer  # noqa: E402
-from support import CALTECH, LiveServer  # noqa: E402
+from support import CALTECH, LiveServer, free_port  # noqa: E402
 
 RESULTS = BENCH / "results"
 TOKEN = "bench-ingest-token"
@@ -293,14 +293,6 @@ class RayCluster:
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run([self.ray, "stop", "--force"], capture_output=True, check=False)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def latencies(url: str, photo: bytes, count: int) -> list[float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import pytest
 from file_server import FileServer
-from support import ROOT, image_bytes
+from support import ROOT, free_port, image_bytes
 
 from imagefinder.store import open_store
 
 pytest.importorskip("ray")
 RAY = str(Path(sys.executable).with_name("ray"))
 N = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -19,6 +19,41 @@ if TYPE_CHECKING:
     from ..download import DownloadOptions, Outcome
 
 
+def source_options(*csv_names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The catalogue CSV (under ``csv_names``, the first shown in messages), the folder the
+    images go to and the manifest: for every command that fetches a catalogue."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(
+            [
+                click.option(
+                    *csv_names,
+                    "csv_file",
+                    required=True,
+                    type=click.Path(dir_okay=False),
+                    help="CSV with a header 'url,id'.",
+                ),
+                click.option(
+                    "--output-dir",
+                    "--output_dir",
+                    default="data/images",
+                    show_default=True,
+                    help="Folder the images are saved to, as <id>.<ext>.",
+                ),
+                click.option(
+                    "--manifest",
+                    type=click.Path(dir_okay=False),
+                    help="Where to write every row's download outcome (default: "
+                    "<output-dir>/manifest.csv).",
+                ),
+            ]
+        ):
+            f = option(f)
+        return f
+
+    return apply
+
+
 def fetch_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The downloader's options, for every command that fetches a catalogue."""
     for option in reversed(
@@ -95,26 +130,7 @@ def fetch_settings(
 
 
 @command()
-@click.option(
-    "--csv_file",
-    "--csv-file",
-    "csv_file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="CSV with a header 'url,id'.",
-)
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    default="data/images",
-    show_default=True,
-    help="Folder the images are saved to, as <id>.<ext>.",
-)
-@click.option(
-    "--manifest",
-    type=click.Path(dir_okay=False),
-    help="Where to write every row's outcome (default: <output-dir>/manifest.csv).",
-)
+@source_options("--csv_file", "--csv-file")
 @fetch_options
 def download(
     csv_file: str,

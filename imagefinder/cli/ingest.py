@@ -9,7 +9,7 @@ import click
 
 from ..model.registry import MODELS
 from .base import command, db_option, load_settings
-from .catalogue import fetch_options, fetch_settings, nothing_downloaded
+from .catalogue import fetch_options, fetch_settings, nothing_downloaded, source_options
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -25,27 +25,7 @@ if TYPE_CHECKING:
 
 
 @command()
-@click.option(
-    "--csv",
-    "--csv-file",
-    "--csv_file",
-    "csv_file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="CSV with a header 'url,id'.",
-)
-@click.option(
-    "--output-dir",
-    "--output_dir",
-    default="data/images",
-    show_default=True,
-    help="Folder the images are saved to, as <id>.<ext>.",
-)
-@click.option(
-    "--manifest",
-    type=click.Path(dir_okay=False),
-    help="Where to write every row's download outcome (default: <output-dir>/manifest.csv).",
-)
+@source_options("--csv", "--csv-file", "--csv_file")
 @db_option
 @click.option(
     "--model",
