@@ -1,4 +1,4 @@
-"""Ingestion benchmark: the 500 Caltech photos served by a local HTTP server, three ways.
+"""Ingestion benchmark: the 500 Caltech photos served by a local HTTP server, five ways.
 
     python bench/ingest.py                  # prints a table
     python bench/ingest.py --commit         # ...and writes bench/results/ingest.{json,md}
@@ -12,12 +12,15 @@ Paths, each a fresh output folder and index, each a real command in a subprocess
   machine, with 1 and with 2 embedding actors (0.5 CPU each). Its time includes starting
   the cluster: that is what Ray costs on one machine for a single run.
 - (d) the same command with ``--ray-address`` on a cluster already running on this
-  machine (``ray start --head``, timed on its own), as the README's Ray section runs it:
-  1 and 2 actors. Its memory counts the cluster's processes too.
+  machine (``ray start --head``, timed on its own, then one small first job), as the
+  README's Ray section runs it: 1 and 2 actors. A job there leaves its model loaded
+  for the next (IMAGEFINDER_RAY_KEEP_WARM, imagefinder/raymodels.py). Its memory counts
+  the cluster's processes too.
+- (e) as (d) with IMAGEFINDER_RAY_KEEP_WARM=0: every job starts its own actors.
 
-For each: wall seconds, images/s, and the peak RSS of the process tree (sampled every
-0.1 s: the command and every process it started, Ray's included; shared pages count
-once per process, as they do against the machine's memory).
+For each: wall seconds, images/s, and the peak RSS and PSS of the process tree (the
+command and every process it started, Ray's included), from a separate run (see
+``command``).
 
 Then the search latency of a live server (the index from (b)): p50/p95 of sequential
 ``POST /similarity-search`` while idle, and while the server runs an ingestion job of
@@ -42,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -80,9 +84,10 @@ class PeakRSS:
     with ``since``, also of every process started on the machine since that time (a
     running Ray cluster's: not the command's descendants)."""
 
-    def __init__(self, pid: int, since: float | None = None):
+    def __init__(self, pid: int, since: float | None = None, pss: bool = False):
         self.root = psutil.Process(pid)
         self.since = since
+        self.pss = pss
         self.peak = 0
         # The same tree's proportional set size: shared pages (libraries, Ray's object
         # store) split between the processes sharing them, so it sums to real memory.
@@ -107,9 +112,12 @@ class PeakRSS:
                 ]
             for p in procs:
                 with contextlib.suppress(psutil.Error):
-                    info = p.memory_full_info()
-                    total += info.rss
-                    pss += info.pss
+                    if self.pss:
+                        info = p.memory_full_info()
+                        total += info.rss
+                        pss += info.pss
+                    else:
+                        total += p.memory_info().rss
             self.peak = max(self.peak, total)
             self.peak_pss = max(self.peak_pss, pss)
             self._stop.wait(0.1)
@@ -122,10 +130,17 @@ class PeakRSS:
 
 
 def command(
-    args: list[str], log: Path, since: float | None = None
+    args: list[str],
+    log: Path,
+    since: float | None = None,
+    pss: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, tuple[float, float], str]:
     """Run ``python -m imagefinder ARGS``; (seconds, peak tree RSS and PSS MB, output).
-    ``since``: see PeakRSS."""
+    ``since``: see PeakRSS. ``pss``: also sample PSS (0.0 without), which costs ~9 ms
+    of CPU per process with torch per sample: on 2 cores, sampling Ray's dozen processes
+    ten times a second took a fifth of the machine from the run it measured, and almost
+    nothing from (b)'s one process. Timed runs leave it off; a separate run measures it."""
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -133,9 +148,9 @@ def command(
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         )
-        rss = PeakRSS(proc.pid, since)
+        rss = PeakRSS(proc.pid, since, pss)
         code = proc.wait()
         peak = rss.stop()
     seconds = time.monotonic() - started
@@ -146,7 +161,11 @@ def command(
 
 
 def path_row(
-    name: str, images: int, seconds: float, peak: tuple[float, float], **extra: object
+    name: str,
+    images: int,
+    seconds: float,
+    peak: tuple[float | None, float | None],
+    **extra: object,
 ) -> dict:
     return {
         "path": name,
@@ -160,6 +179,7 @@ def path_row(
 
 
 SMALL = ", first {} photos"
+FIRST_JOB = 10  # photos in (d)'s first job on each new cluster
 
 
 def paths(
@@ -174,16 +194,59 @@ def paths(
     machine falls on every path alike); each row keeps every run and reports the median
     run (by time). ``sizes``: (csv, rows), the whole set first; (b), (c) and (d) also run
     on the others, which separates each path's fixed cost from its cost per photo.
-    ``which``: the paths' letters; ``actor_counts``: the Ray paths' actor pools."""
+    ``which``: the paths' letters; ``actor_counts``: the Ray paths' actor pools.
+
+    The timed runs sample RSS only; then one more run of each path on the whole set
+    samples PSS too, and gives the memory columns (see ``command``)."""
     runs: dict[str, list[dict]] = {}
+    memory: dict[str, tuple[float | None, float | None]] = {}
     count: dict[str, int] = {}
     full = sizes[0][1]
 
-    def record(name: str, n: int, seconds: float, peak: tuple[float, float], **extra: object):
+    def record(
+        name: str, n: int, seconds: float, peak: tuple[float, float], **extra: object
+    ) -> None:
         name += "" if n == full else SMALL.format(n)
         count[name] = n
-        runs.setdefault(name, []).append({"seconds": seconds, "peak": peak, **extra})
-        print(f"{name}: {seconds} s, peak RSS/PSS {peak} MB {extra or ''}", flush=True)
+        runs.setdefault(name, []).append({"seconds": seconds, "peak_rss_mb": peak[0], **extra})
+        print(f"{name}: {seconds} s, peak RSS {peak[0]} MB {extra or ''}", flush=True)
+
+    def measure(
+        name: str, n: int, seconds: float, peak: tuple[float, float], **extra: object
+    ) -> None:
+        memory[name] = peak
+        print(f"{name}: peak RSS/PSS {peak} MB (memory run, {seconds} s)", flush=True)
+
+    for r in range(rounds):
+        one_round(work, f"{r}", sizes, model, which, actor_counts, record, pss=False)
+    one_round(work, "m", sizes[:1], model, which, actor_counts, measure, pss=True)
+    rows = []
+    for name, done in runs.items():
+        ordered = sorted(done, key=lambda run: run["seconds"])
+        median = ordered[(len(ordered) - 1) // 2]
+        extra = {k: v for k, v in median.items() if k not in ("seconds", "peak_rss_mb")}
+        rows.append(
+            path_row(
+                name, count[name], median["seconds"], memory.get(name, (None, None)),
+                runs_s=[run["seconds"] for run in done], **extra,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def one_round(
+    work: Path,
+    tag: str,
+    sizes: list[tuple[Path, int]],
+    model: str,
+    which: str,
+    actor_counts: tuple[int, ...],
+    record: Callable[..., None],
+    pss: bool,
+) -> None:
+    """Each path once on each size, in order; ``record(name, rows, seconds, peak,
+    **extra)`` gets each run."""
+    full = sizes[0][0]
 
     def ingest(folder: Path, csv_path: Path, *more: str) -> list[str]:
         return [
@@ -191,59 +254,67 @@ def paths(
             "--db", str(folder / "index.db"), "--model", model, "--allow-private", *more,
         ]  # fmt: skip
 
-    for r in range(rounds):
-        if "a" in which:
-            a = work / f"a{r}"
-            d_s, d_rss, _ = command(
-                ["download", "--csv_file", str(sizes[0][0]), "--output-dir",
-                 str(a / "images"), "--allow-private"], work / f"a{r}-download.log",
-            )  # fmt: skip
-            e_s, e_rss, _ = command(
-                ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
-                 "--model", model], work / f"a{r}-extract.log",
-            )  # fmt: skip
-            record(
-                "(a) download, then extract", full, round(d_s + e_s, 2), max(d_rss, e_rss),
-                stages={"download_s": d_s, "extract_s": e_s},
-            )  # fmt: skip
-        for csv_path, n in sizes:
-            if "b" in which:
-                b = work / f"b{r}-{n}"
-                s, rss, _ = command(ingest(b, csv_path), work / f"b{r}-{n}.log")
-                record("(b) ingest, streaming", n, s, rss)
-            for actors in actor_counts if "c" in which else ():
-                c = work / f"c{r}-{n}-{actors}"
-                more = ("--engine", "ray", "--actors", str(actors), "--actor-cpus", "0.5")
-                s, rss, _ = command(ingest(c, csv_path, *more), work / f"c{r}-{n}-{actors}.log")
-                record(f"(c) ingest --engine ray, {actors} actor(s)", n, s, rss)
-        if "d" not in which:
-            continue
-        with RayCluster(work / f"ray-start{r}.log") as cluster:
+    if "a" in which:
+        a = work / f"a{tag}"
+        d_s, d_rss, _ = command(
+            ["download", "--csv_file", str(full), "--output-dir", str(a / "images"),
+             "--allow-private"], work / f"a{tag}-download.log", pss=pss,
+        )  # fmt: skip
+        e_s, e_rss, _ = command(
+            ["extract", "--folder", str(a / "images"), "--db", str(a / "index.db"),
+             "--model", model], work / f"a{tag}-extract.log", pss=pss,
+        )  # fmt: skip
+        record(
+            "(a) download, then extract", sizes[0][1], round(d_s + e_s, 2),
+            max(d_rss, e_rss), stages={"download_s": d_s, "extract_s": e_s},
+        )  # fmt: skip
+    for csv_path, n in sizes:
+        if "b" in which:
+            b = work / f"b{tag}-{n}"
+            s, rss, _ = command(ingest(b, csv_path), work / f"b{tag}-{n}.log", pss=pss)
+            record("(b) ingest, streaming", n, s, rss)
+        for actors in actor_counts if "c" in which else ():
+            c = work / f"c{tag}-{n}-{actors}"
+            on_ray = ("--engine", "ray", "--actors", str(actors), "--actor-cpus", "0.5")
+            s, rss, _ = command(
+                ingest(c, csv_path, *on_ray), work / f"c{tag}-{n}-{actors}.log", pss=pss
+            )
+            record(f"(c) ingest --engine ray, {actors} actor(s)", n, s, rss)
+    if "d" not in which and "e" not in which:
+        return
+    with RayCluster(work / f"ray-start{tag}.log") as cluster:
+        # A running cluster has run jobs before: the first one on a new cluster also
+        # starts Ray Data's own actors (stats, usage, autoscaling, actor locations:
+        # ~10 s of CPU here), which later jobs find running. Timed on its own.
+        first = work / f"d{tag}-first"
+        first_csv = first.with_suffix(".csv")
+        lines = full.read_text().splitlines(keepends=True)
+        first_csv.write_text("".join(lines[: FIRST_JOB + 1]))
+        first_s, _, _ = command(
+            ingest(first, first_csv, "--engine", "ray", "--ray-address", cluster.address),
+            work / f"d{tag}-first.log",
+        )  # fmt: skip
+        print(f"(d) first job on the new cluster ({FIRST_JOB} photos): {first_s} s", flush=True)
+        for letter in "de":
+            if letter not in which:
+                continue
+            # (e): every job starts and ends its own actors (no model kept warm).
+            env = {"IMAGEFINDER_RAY_KEEP_WARM": "0"} if letter == "e" else {}
             for csv_path, n in sizes:
                 for actors in actor_counts:
-                    d = work / f"d{r}-{n}-{actors}"
+                    d = work / f"{letter}{tag}-{n}-{actors}"
                     more = ("--engine", "ray", "--ray-address", cluster.address,
                             "--actors", str(actors), "--actor-cpus", "0.5")  # fmt: skip
                     s, rss, _ = command(
-                        ingest(d, csv_path, *more), work / f"d{r}-{n}-{actors}.log",
-                        since=cluster.started,
+                        ingest(d, csv_path, *more), work / f"{letter}{tag}-{n}-{actors}.log",
+                        since=cluster.started, pss=pss, env=env,
                     )  # fmt: skip
                     record(
-                        f"(d) ingest --engine ray on a running cluster, {actors} actor(s)",
-                        n, s, rss, cluster_start_s=cluster.seconds,
+                        f"({letter}) ingest --engine ray on a running cluster, "
+                        + ("models kept warm" if letter == "d" else "no model kept warm")
+                        + f", {actors} actor(s)",
+                        n, s, rss, cluster_start_s=cluster.seconds, first_job_s=first_s,
                     )  # fmt: skip
-    rows = []
-    for name, done in runs.items():
-        ordered = sorted(done, key=lambda run: run["seconds"])
-        median = ordered[(len(ordered) - 1) // 2]
-        extra = {k: v for k, v in median.items() if k not in ("seconds", "peak")}
-        rows.append(
-            path_row(
-                name, count[name], median["seconds"], median["peak"],
-                runs_s=[run["seconds"] for run in done], **extra,
-            )
-        )  # fmt: skip
-    return rows
 
 
 def costs(r: dict) -> list[dict]:
@@ -383,7 +454,9 @@ def markdown(r: dict) -> str:
         f"Every path ran {r.get('rounds', 1)} times, round after round; each row is its "
         "median run (s: that run; all runs listed).",
         "Peak RSS and PSS: the command's whole process tree (Ray's processes included), "
-        "sampled every 0.1 s. RSS counts shared pages once per process; PSS splits them.",
+        "sampled every 0.1 s in one more run of each path on the whole set (the timed runs "
+        "sample no PSS: reading it costs CPU per process, far more for Ray's many than for "
+        "(b)'s one). RSS counts shared pages once per process; PSS splits them.",
         "",
         "| path | s | runs s | images/s | peak RSS MB | peak PSS MB | vs (b) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -396,7 +469,7 @@ def markdown(r: dict) -> str:
         runs = ", ".join(str(x) for x in p.get("runs_s", [p["seconds"]]))
         lines.append(
             f"| {p['path']} | {p['seconds']} | {runs} | {p['images_per_s']} | "
-            f"{p['peak_rss_mb']} | {p['peak_pss_mb']} | {ratio:.2f}x time |"
+            f"{p['peak_rss_mb'] or '-'} | {p['peak_pss_mb'] or '-'} | {ratio:.2f}x time |"
         )
     a = next((p for p in r["paths"] if p["path"].startswith("(a)")), None)
     if a:
@@ -418,14 +491,21 @@ def markdown(r: dict) -> str:
                 f"| {c['path']} | {c['fixed_s']} | {c['per_photo_ms']} | "
                 f"{c['per_photo_vs_b']:.2f}x |"
             )
-    d = next((p for p in r["paths"] if p["path"].startswith("(d)")), None)
+    d = next((p for p in r["paths"] if p["path"].startswith(("(d)", "(e)"))), None)
     if d:
         lines += [
             "",
-            f"(d): `ray start --head` took {d['cluster_start_s']} s (in the median run's "
-            "round) before the runs, not counted in their time; their memory includes the "
-            "cluster's processes.",
+            f"(d), (e): `ray start --head` took {d['cluster_start_s']} s (in the median run's "
+            f"round), then a first job of {FIRST_JOB} photos {d.get('first_job_s', '?')} s, "
+            "both before the runs and not counted in their time (the first job on a new "
+            "cluster also starts Ray Data's own actors); their memory includes the "
+            "cluster's processes. (c) counts all of it.",
         ]
+        if any(p["path"].startswith("(e)") for p in r["paths"]):
+            lines.append(
+                "(e) runs on (d)'s cluster after it: its memory also counts the models "
+                "(d) left loaded there (idle, until IMAGEFINDER_RAY_KEEP_WARM runs out)."
+            )
     if r.get("search"):
         s = r["search"]
         lines += [
@@ -451,7 +531,7 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="runs of every path; the median is reported"
     )
-    parser.add_argument("--paths", default="a,b,c,d", help="which paths to run, e.g. b,d")
+    parser.add_argument("--paths", default="a,b,c,d,e", help="which paths to run, e.g. b,d")
     parser.add_argument("--actors", default="1,2", help="the Ray paths' actor counts")
     parser.add_argument(
         "--repeat", type=int, default=1,
@@ -463,7 +543,7 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--small", type=int, default=50,
-        help="also run (b)-(d) on the first N photos: fixed cost against cost per photo",
+        help="also run (b)-(e) on the first N photos: fixed cost against cost per photo",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (a check)")
@@ -474,7 +554,7 @@ def main() -> int:
     LIMIT[0] = args.limit
     which = args.paths.replace(",", "")
     if args.skip_ray:
-        which = which.replace("c", "").replace("d", "")
+        which = which.replace("c", "").replace("d", "").replace("e", "")
     if "b" not in which:
         parser.error("--paths needs b: every path is compared with it")
     started = time.time()

@@ -42,6 +42,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "job_max_bytes": (1, 1 << 40),
     "job_queue": (1, 10_000),
     "job_batch_size": (1, 4096),
+    "ray_keep_warm": (0, 86_400),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "metrics": ("token", "public", "off"),
@@ -103,6 +104,9 @@ class Settings:
     # A Ray cluster (``ray://host:10001``, or ``auto``) that runs the server's CSV jobs
     # (pip install 'imagefinder[ray]'); unset: jobs run inside the server.
     ray_address: str | None = None
+    # Seconds a job's models stay loaded on a running Ray cluster for the next job
+    # (raymodels.py); 0: every job starts its own. Not for a cluster a command starts.
+    ray_keep_warm: int = 300
     # GET /metrics: "token" (default: the API token is required), "public", or "off".
     metrics: str = "token"
     # One line per request, and the server's own messages: "text" or "json".

@@ -210,7 +210,11 @@ def _on_ray(
         settings,
         settings.images_dir,
         options,
-        RayOptions(settings.ray_address, batch_size=settings.batch_size),
+        RayOptions(
+            settings.ray_address,
+            batch_size=settings.batch_size,
+            keep_warm=settings.ray_keep_warm,
+        ),
         on_row=row_done,
         stop=stop,
     )

@@ -10,8 +10,10 @@
   one per two CPUs of the cluster. Each task process imports the pipeline once; on one
   machine, more of them only took CPU from the model (measured: 500 local photos, 11 s
   of CPU in eight fetch processes against 4 s in one);
-- ``_Embed``: an actor pool, one model per actor, fractional CPUs (``actor_cpus``), one
-  GPU each when the cluster has them;
+- embedding in a pool of actors, one model per actor: on a cluster that outlives the
+  job, models kept loaded between jobs (``raymodels``: the download tasks hand each
+  batch to one), else ``_Embed``, Ray Data's actor pool for this job alone, fractional
+  CPUs (``actor_cpus``), one GPU each when the cluster has them;
 - writes in batches, compare-and-set against the state each row had when the job
   started (``indexer.Writer``): on PostgreSQL from the workers (``_write`` tasks: many
   writers at once), on SQLite from the driver (the single writer).
@@ -27,25 +29,31 @@ shared filesystem): the index records where each image is.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import errors
 from .catalog import Row
 from .config import Settings
 from .download import Downloader, DownloadOptions, Outcome
-from .errors import ConfigError, ImageError
+from .errors import ConfigError, ImageError, ModelUnavailable
 from .files import sha256_file
 from .images import load_rgb, square_crop
 from .indexer import Candidate, Summary, Writer
 from .model.registry import spec_for
 from .store import FileState, Store, is_postgres, open_store
+
+if TYPE_CHECKING:
+    from .raymodels import WarmModels
 
 # Rows per batch through the pipeline (download, embed, write): fewer, larger batches
 # spend less in Ray's per-task and per-block costs (500 photos on 2 CPUs: 16 a batch
@@ -64,6 +72,9 @@ class RayOptions:
     # into the actors (which would download and decode one batch at a time per model).
     fetch_cpus: float = 0.25
     batch_size: int = BATCH
+    # Seconds a model stays loaded on the cluster after a job (raymodels.py); 0: each
+    # job starts and ends its own actors.
+    keep_warm: float = 0
 
 
 def _ray() -> Any:
@@ -110,6 +121,21 @@ def connect(address: str | None) -> None:
         raise ConfigError(f"cannot start or reach {where}: {' '.join(str(e).split())}{hint}") from e
 
 
+@contextlib.contextmanager
+def session(address: str | None) -> Iterator[None]:
+    """Connected to the cluster for the block; if the block's ``connect`` is what joined
+    it (or started one), leave at the end rather than at the interpreter's exit: Ray's
+    own teardown there took ~1 s longer (500-photo benchmark, running cluster)."""
+    ray = _ray()
+    joined = not ray.is_initialized()
+    connect(address)
+    try:
+        yield
+    finally:
+        if joined:
+            ray.shutdown()
+
+
 def _auth_token_available() -> bool:
     """Whether Ray would find a token: its environment variables, or the file ``ray
     start`` writes on the head node."""
@@ -138,9 +164,11 @@ def _fetch(
     options: DownloadOptions,
     known_ref: Any,
     input_size: int,
+    warm: WarmModels | None = None,
 ) -> dict[str, Any]:
     """Download each row, hash it, and for new content decode and crop it; the rows of
-    the batch at once, in up to ``options.workers`` threads."""
+    the batch at once, in up to ``options.workers`` threads. With ``warm``, embed the
+    batch on a warm model too."""
     known = _known(known_ref)
     downloader = Downloader(output_dir, options)
     empty = np.zeros((input_size, input_size, 3), dtype=np.uint8)
@@ -179,29 +207,25 @@ def _fetch(
         for k, v in (("sha256", digest), ("size", size), ("mtime_ns", mtime), ("todo", todo)):
             cols[k].append(v)
     out: dict[str, Any] = {k: np.array(v) for k, v in cols.items()}
+    out["slot"] = np.asarray(batch["slot"])
     out["pixels"] = np.stack([crop for *_, crop in done])
-    return out
+    return warm.embed(out) if warm else out
 
 
 class _Embed:
-    """One model per actor: the ``embed`` rows of a batch -> vectors."""
+    """One model per actor, for one job (``RayOptions.keep_warm`` 0, or GPUs)."""
 
-    def __init__(self, model: str, weights: str | None, precision: str, threads: int):
-        from .model.embedder import load_embedder
+    def __init__(
+        self, model: str, weights: str | None, precision: str, threads: int, weights_id: str
+    ):
+        from .raymodels import load_checked
 
-        self.embedder = load_embedder(model, weights, precision, threads)
+        self.embedder = load_checked(model, weights, precision, threads, weights_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
+        from .raymodels import embed_batch
 
-        todo = batch["todo"] == "embed"
-        vectors = np.zeros((len(todo), self.embedder.dim), dtype=np.float32)
-        if todo.any():
-            x = torch.stack([self.embedder.normalise(p) for p in batch["pixels"][todo]])
-            vectors[todo] = self.embedder.embed_tensors(x)
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["vector"] = vectors
-        return out
+        return embed_batch(self.embedder, batch)
 
 
 def _write_into(store: Store, batch: dict[str, np.ndarray], known: Any) -> dict[str, np.ndarray]:
@@ -295,7 +319,28 @@ def ingest(
     gpus = 1 if cluster.get("GPU", 0) >= 1 else 0
     fetchers = max(1, int(cluster.get("CPU", 1)) // 2)
     threads = max(1, int((os.cpu_count() or 1) // max(1, options.actors)))
-    ds: Any = ray.data.from_items([{"line": r.line, "id": r.id, "url": r.url} for r in usable])
+    # Rows take turns between the embedding slots, a batch at a time (raymodels).
+    slots = max(1, options.actors)
+    ds: Any = ray.data.from_items(
+        [
+            {"line": r.line, "id": r.id, "url": r.url, "slot": k // options.batch_size % slots}
+            for k, r in enumerate(usable)
+        ]
+    )
+    weights_id = store.meta().get("weights", "")
+    warm = None
+    tasks, task_cpus = fetchers, options.fetch_cpus
+    if options.keep_warm > 0 and not gpus:
+        from .raymodels import WarmModels, model_key
+
+        key = model_key(model, weights, weights_id, settings.precision)
+        warm = WarmModels(
+            key, slots, threads, model, weights, settings.precision, weights_id,
+            options.keep_warm,
+        )  # fmt: skip
+        # One batch at the model per slot, one more being downloaded; the warm models
+        # reserve nothing, so the tasks waiting on them hold their share.
+        tasks, task_cpus = slots + 1, max(options.fetch_cpus, options.actor_cpus)
     ds = ds.map_batches(
         _fetch,
         batch_size=options.batch_size,
@@ -305,24 +350,27 @@ def ingest(
             "options": replace(download),
             "known_ref": known_ref,
             "input_size": spec.input_size,
+            "warm": warm,
         },
-        num_cpus=options.fetch_cpus,
-        compute=ray.data.TaskPoolStrategy(size=fetchers),
+        num_cpus=task_cpus,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
     )
-    ds = ds.map_batches(
-        _Embed,
-        batch_size=options.batch_size,
-        batch_format="numpy",
-        fn_constructor_kwargs={
-            "model": model,
-            "weights": weights,
-            "precision": settings.precision,
-            "threads": threads,
-        },
-        compute=ray.data.ActorPoolStrategy(size=options.actors),
-        num_cpus=options.actor_cpus,
-        num_gpus=gpus,
-    )
+    if warm is None:
+        ds = ds.map_batches(
+            _Embed,
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            fn_constructor_kwargs={
+                "model": model,
+                "weights": weights,
+                "precision": settings.precision,
+                "threads": threads,
+                "weights_id": weights_id,
+            },
+            compute=ray.data.ActorPoolStrategy(size=options.actors),
+            num_cpus=options.actor_cpus,
+            num_gpus=gpus,
+        )
     remote = is_postgres(location)
     if remote:
         ds = ds.map_batches(
@@ -332,16 +380,38 @@ def ingest(
             fn_kwargs={"location": location, "known_ref": known_ref},
             num_cpus=0.25,
         )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if stop is not None and stop.is_set():
-            break
-        if not remote:
-            batch = _write_into(store, batch, known)
-        for n in range(len(batch["id"])):
-            outcome = Outcome(*(_plain(batch[k][n]) for k in OUTCOME))
-            run.outcomes.append(outcome)
-            _count(run, outcome, str(batch["result"][n]), on_row)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if stop is not None and stop.is_set():
+                break
+            if not remote:
+                batch = _write_into(store, batch, known)
+            for n in range(len(batch["id"])):
+                outcome = Outcome(*(_plain(batch[k][n]) for k in OUTCOME))
+                run.outcomes.append(outcome)
+                _count(run, outcome, str(batch["result"][n]), on_row)
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        # Ray Data gives up when an actor dies in its constructor (bad weights on a
+        # worker, a model its packages lack), or a warm model's does and fails the task
+        # that called it: the remote trace names the cause.
+        cause = _cause(e)
+        if cause is not None:
+            raise cause from e
+        if isinstance(e, ray.exceptions.RayActorError):
+            raise ModelUnavailable(f"the embedding actors could not start: {e}") from e
+        raise
     return run
+
+
+def _cause(error: BaseException) -> errors.ImageFinderError | None:
+    """The last of this package's errors in a remote traceback's text, remade here."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.findall(r"^\s*imagefinder\.errors\.(\w+): (.+)$", text, re.MULTILINE)
+    if found:
+        cls = getattr(errors, found[-1][0], None)
+        if isinstance(cls, type) and issubclass(cls, errors.ImageFinderError):
+            return cls(found[-1][1].strip())
+    return None
 
 
 def _plain(value: Any) -> Any:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL.Image import Image as PILImage
@@ -28,12 +28,14 @@ from .errors import (
     TextNotSupported,
     unknown_id,
 )
-from .model.embedder import Embedder, load_embedder
 from .model.registry import MODELS, embeds_text
 from .query import SearchOptions
 from .redact import redact
 from .store import Store, display_location, open_store, public_location
 from .store.base import check_compatible
+
+if TYPE_CHECKING:
+    from .model.embedder import Embedder
 
 # How long GET /duplicates reuses a report (see Service.duplicates).
 DUPLICATES_TTL = 60.0
@@ -137,6 +139,8 @@ class Service:
         calibration: Sequence[str | Path] = (),
     ) -> Embedder:
         """The model that writes into this index (``extract``)."""
+        from .model.embedder import load_embedder
+
         name, weights = self.choose_model(model, weights)
         s = self.settings
         return load_embedder(name, weights, s.precision, s.threads, calibration)

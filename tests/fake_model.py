@@ -95,6 +95,8 @@ SPEC = register(
         # bench/results/duplicates.md); no pair of distinct photos is 90% likely to be of
         # one class by colour alone, so similar is no looser than near.
         duplicates=DuplicateThresholds(f"seed-{SEED}", near=0.1279, similar=0.1279),
+        default_weights=f"seed-{SEED}",
+        named_weights=None,
     )
 )
 
@@ -109,6 +111,8 @@ register(
         SPEC.mean,
         SPEC.std,
         lambda weights: (ColourFeatures(SEED, OTHER_DIM), f"seed-{SEED}-64"),
+        default_weights=f"seed-{SEED}-64",
+        named_weights=None,
     )
 )
 
@@ -145,7 +149,17 @@ def build_text(weights: str | None) -> Built:
 
 
 TEXT_SPEC = register(
-    ModelSpec(TEXT_NAME, TEXT_DIM, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), build_text, text=True)
+    ModelSpec(
+        TEXT_NAME,
+        TEXT_DIM,
+        32,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        build_text,
+        text=True,
+        default_weights=f"seed-{SEED + 1}",
+        named_weights=None,
+    )  # fmt: skip
 )
 
 

@@ -190,7 +190,7 @@ def test_another_model_is_refused_before_any_weights_load(tmp_path, monkeypatch)
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded (resnet50 would have gone to download)")
 
-    monkeypatch.setattr("imagefinder.service.load_embedder", no_loading)
+    monkeypatch.setattr("imagefinder.model.embedder.load_embedder", no_loading)
     result = run("extract", "--folder", str(tmp_path / "p"), "--db", str(db), "--model", "resnet50")
     assert result.exit_code == 1
     assert result.stderr == (

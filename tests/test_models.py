@@ -204,3 +204,36 @@ def test_every_builder_the_registry_names_exists_without_loading_weights():
         if isinstance(spec.builder, str):
             module, _, name = spec.builder.partition(":")
             assert callable(getattr(importlib.import_module(module), name)), spec.builder
+
+
+# -- a model's identity without loading it (the Ray engine's driver) ------------------
+
+
+@pytest.mark.parametrize("weights", ["bundled", "vgg16-file", "clip-file", "clip-tag"])
+def test_a_models_identity_is_what_it_reports_once_loaded(weights, vgg16_weights, clip_weights):
+    model, arg = {
+        "bundled": ("efficientnet-lite2", None),
+        "vgg16-file": ("vgg16", str(vgg16_weights)),
+        "clip-file": ("clip-vit-b-32", str(clip_weights)),
+        "clip-tag": ("clip-vit-b-32", None),  # the default tag: its weights are not here
+    }[weights]
+    identity = MODELS[model].identity(arg)
+    if weights == "clip-tag":
+        assert identity["weights"] == "laion2b_s34b_b79k"
+        with pytest.raises(ModelUnavailable):
+            load_embedder(model, arg)
+        return
+    assert identity == load_embedder(model, arg).meta()
+
+
+def test_a_weights_name_a_model_does_not_know_is_refused_without_loading(monkeypatch):
+    monkeypatch.setattr(
+        "imagefinder.model.registry.ModelSpec.build",
+        lambda *a: pytest.fail("the model was loaded"),
+    )
+    with pytest.raises(ModelUnavailable, match="IMAGENET1K_V9: no such weights file"):
+        MODELS["resnet50"].identity("IMAGENET1K_V9")
+    with pytest.raises(ModelUnavailable, match="no such weights file"):
+        MODELS["efficientnet-lite0"].identity("bundled.pth")
+    assert MODELS["resnet50"].identity("IMAGENET1K_V2")["weights"] == "IMAGENET1K_V2"
+    assert MODELS["resnet50"].identity(None)["weights"] == "IMAGENET1K_V1"

@@ -29,8 +29,10 @@ from imagefinder.catalog import read_catalog
 from imagefinder.cli import cli
 from imagefinder.config import Settings
 from imagefinder.download import DownloadOptions
+from imagefinder.errors import ModelUnavailable
 from imagefinder.images import load_rgb
 from imagefinder.rayengine import RayOptions, ingest
+from imagefinder.raymodels import NAMESPACE
 from imagefinder.store import open_store
 
 N = 16
@@ -72,17 +74,63 @@ def catalogue(tmp_path: Path, server: FileServer, extra: str = "") -> Path:
     return path
 
 
-def run(csv_path: Path, location: str, out: Path, actors: int = 1, batch: int = 4, **kw):
+def run(
+    csv_path: Path,
+    location: str,
+    out: Path,
+    actors: int = 1,
+    batch: int = 4,
+    keep_warm: float = 0,
+    meta: dict | None = None,
+    **kw,
+):
     store = open_store(location)
-    store.ensure_schema(fake_embedder().meta())
+    store.ensure_schema(meta or fake_embedder().meta())
     settings = Settings(db=location, model=fake_model.NAME)
-    result = ingest(
-        read_catalog(csv_path), store, location, fake_model.NAME, None, settings, out,
-        DownloadOptions(allow_private=True, retries=0, timeout=5),
-        RayOptions(actors=actors, actor_cpus=0.5, fetch_cpus=0.25, batch_size=batch), **kw,
-    )  # fmt: skip
-    store.close()
-    return result
+    options = RayOptions(
+        actors=actors, actor_cpus=0.5, fetch_cpus=0.25, batch_size=batch, keep_warm=keep_warm
+    )
+    try:
+        return ingest(
+            read_catalog(csv_path), store, location, fake_model.NAME, None, settings, out,
+            DownloadOptions(allow_private=True, retries=0, timeout=5), options, **kw,
+        )  # fmt: skip
+    finally:
+        store.close()
+
+
+# Each embedding path: a pool of actors for the job (Ray Data's), or models kept warm
+# on the cluster between jobs (raymodels.py).
+PATHS = pytest.mark.parametrize("keep_warm", [0, 60], ids=["job-actors", "warm-models"])
+
+
+@pytest.fixture
+def no_warm_models(cluster):
+    """No warm model left by an earlier test (their keep_warm is their own)."""
+    for name in warm_models():
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    deadline = time.monotonic() + 30
+    while warm_models():
+        assert time.monotonic() < deadline, warm_models()
+        time.sleep(0.1)
+
+
+def warm_models() -> list[str]:
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == NAMESPACE
+    )
+
+
+def embedding_processes() -> list[psutil.Process]:
+    """Ray titles an embedding actor's process ray::MapWorker(MapBatches(_Embed)) or
+    ray::WarmModel."""
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(t in " ".join(p.info["cmdline"] or ()) for t in ("_Embed", "WarmModel"))
+    ]
 
 
 _EMBEDDER = []
@@ -111,16 +159,18 @@ def assert_indexed_exactly_once(location: str, out: Path) -> None:
     store.close()
 
 
-def test_ray_ingests_into_sqlite_with_the_driver_writing(cluster, web, tmp_path):
+@PATHS
+def test_ray_ingests_into_sqlite_with_the_driver_writing(cluster, web, tmp_path, keep_warm):
     db, out = str(tmp_path / "index.db"), tmp_path / "images"
     with FileServer(web) as server:
         csv_path = catalogue(tmp_path, server, f"{server.url('missing.jpg')},gone\nnot a url,bad\n")
-        result = run(csv_path, db, out)
+        result = run(csv_path, db, out, keep_warm=keep_warm)
         assert (result.summary.indexed, result.summary.skipped) == (N, 2)
         assert sorted(i for i, _ in result.errors) == ["bad", "gone"]
         assert_indexed_exactly_once(db, out)
         hits = dict(server.hits)
-        again = run(csv_path, db, out)  # a job run again: nothing fetched or embedded
+        # A job run again: nothing fetched or embedded.
+        again = run(csv_path, db, out, keep_warm=keep_warm)
         # Only the failed row is tried again.
         assert {k: v - hits[k] for k, v in server.hits.items()} == {
             k: int(k == "missing.jpg") for k in hits
@@ -128,7 +178,8 @@ def test_ray_ingests_into_sqlite_with_the_driver_writing(cluster, web, tmp_path)
     assert (again.summary.indexed, again.summary.unchanged) == (0, N)
 
 
-def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, web, tmp_path):
+@PATHS
+def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, web, tmp_path, keep_warm):
     db, out = str(tmp_path / "index.db"), tmp_path / "images"
 
     def rows() -> int:
@@ -144,7 +195,9 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, web, tmp_
         csv_path = catalogue(tmp_path, server)
         done: list = []
         job = threading.Thread(
-            target=lambda: done.append(run(csv_path, db, out, actors=2, batch=2))
+            target=lambda: done.append(
+                run(csv_path, db, out, actors=2, batch=2, keep_warm=keep_warm)
+            )
         )
         job.start()
         deadline = time.monotonic() + 60
@@ -152,12 +205,7 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, web, tmp_
             assert time.monotonic() < deadline and job.is_alive(), "the job never wrote"
             time.sleep(0.05)
         assert rows() < N, "the job finished before the kill: nothing was tested"
-        # An embedding actor's process (Ray titles it ray::MapWorker(MapBatches(_Embed))).
-        actors = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if "_Embed" in " ".join(p.info["cmdline"] or ())
-        ]
+        actors = embedding_processes()
         assert actors, "no embedding actor found"
         os.kill(actors[0].pid, signal.SIGKILL)
         job.join(120)
@@ -166,10 +214,13 @@ def test_an_actor_killed_mid_job_loses_and_duplicates_nothing(cluster, web, tmp_
     assert_indexed_exactly_once(db, out)
 
 
-def test_ray_ingests_into_postgresql_with_the_workers_writing(cluster, web, tmp_path, pg_url):
+@PATHS
+def test_ray_ingests_into_postgresql_with_the_workers_writing(
+    cluster, web, tmp_path, pg_url, keep_warm
+):
     out = tmp_path / "images"
     with FileServer(web) as server:
-        result = run(catalogue(tmp_path, server), pg_url, out, actors=2)
+        result = run(catalogue(tmp_path, server), pg_url, out, actors=2, keep_warm=keep_warm)
     assert result.summary.indexed == N
     assert_indexed_exactly_once(pg_url, out)
 
@@ -224,3 +275,42 @@ def test_with_a_ray_address_the_server_runs_csv_jobs_on_the_cluster(cluster, web
     assert (job["state"], job["done"], job["failed"]) == ("done", N, 1), job
     assert job["errors"] == [{"id": "gone", "reason": "HTTP 404"}]
     assert_indexed_exactly_once(settings.db, tmp_path / "images")
+
+
+def test_a_warm_model_serves_the_next_job_and_ends_once_idle(
+    cluster, web, tmp_path, no_warm_models
+):
+    keep_warm = 4
+    with FileServer(web) as server:
+        csv_path = catalogue(tmp_path, server)
+        first = run(csv_path, str(tmp_path / "a.db"), tmp_path / "a", keep_warm=keep_warm)
+        models = warm_models()
+        assert len(models) == 1, models  # one slot: --actors 1
+        pids = {p.pid for p in embedding_processes()}
+        second = run(csv_path, str(tmp_path / "b.db"), tmp_path / "b", keep_warm=keep_warm)
+        # The same process embedded the second job: no model was loaded for it.
+        assert warm_models() == models
+        assert {p.pid for p in embedding_processes()} == pids
+    assert first.summary.indexed == second.summary.indexed == N
+    assert_indexed_exactly_once(str(tmp_path / "b.db"), tmp_path / "b")
+    deadline = time.monotonic() + keep_warm + 30
+    while warm_models():
+        assert time.monotonic() < deadline, "the idle model never ended"
+        time.sleep(0.2)
+
+
+@PATHS
+def test_actors_whose_model_differs_from_the_index_fail_the_job_in_one_line(
+    cluster, web, tmp_path, keep_warm, no_warm_models
+):
+    # The index names other weights than the actors load (the driver never loads the
+    # model: only the actors can tell).
+    meta = {**fake_embedder().meta(), "weights": "seed-999"}
+    with FileServer(web) as server, pytest.raises(ModelUnavailable) as failed:
+        run(catalogue(tmp_path, server), str(tmp_path / "i.db"), tmp_path / "i",
+            keep_warm=keep_warm, meta=meta)  # fmt: skip
+    assert str(failed.value).endswith(
+        f"a Ray actor loaded {fake_model.NAME} weights {fake_embedder().weights_id}, but "
+        "the index holds vectors of weights seed-999"
+    ), failed.value
+    assert "\n" not in str(failed.value)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..model.registry import MODELS
+from ..model.registry import MODELS, spec_for, weights_file
 from .base import command, db_option, load_settings
 from .catalogue import fetch_options, fetch_settings, nothing_downloaded, source_options
 from .progress import Progress
@@ -112,9 +112,18 @@ def ingest(
     store = service.store
     name, chosen_weights = service.choose_model(model, weights)
     new_index = not store.meta()
-    click.echo(f"Loading {name} ...", err=True)
-    embedder = service.load_writer(model, weights)
-    store.ensure_schema(embedder.meta())
+    if engine == "ray" and not (new_index and weights_file(chosen_weights)):
+        # The actors load the model; this process only drives them, so it needs the
+        # model's identity, not the model (torch's import alone took ~3 s of CPU that
+        # the actors' start-up competes for on a small machine). A new index from a
+        # weights file is the exception: only loading tells that the file holds
+        # weights of this model, and the index must not be named after one that does not.
+        identity = spec_for(name).identity(chosen_weights)
+    else:
+        click.echo(f"Loading {name} ...", err=True)
+        embedder = service.load_writer(model, weights)
+        identity = embedder.meta()
+    store.ensure_schema(identity)
     if new_index and settings.dba:
         augment.set_enabled(store, True, compute=False)
     if rows:
@@ -125,9 +134,12 @@ def ingest(
         return f"{csv_file}:{item.line}"
 
     if engine == "ray":
+        address = ray_address or settings.ray_address
+        # Models kept warm serve the next job only on a cluster that outlives this command.
+        keep_warm = settings.ray_keep_warm if address else 0
         summary, outcomes = _on_ray(
             rows, store, settings, name, chosen_weights, output_dir, options, label,
-            RayOptions(ray_address or settings.ray_address, actors, actor_cpus),
+            RayOptions(address, actors, actor_cpus, keep_warm=keep_warm),
         )  # fmt: skip
         finish_run(store, summary)
         _report(store, summary, outcomes, manifest, output_dir, rows)
@@ -167,6 +179,7 @@ def _on_ray(
     options: RayOptions,
 ) -> tuple[Summary, list[Outcome]]:
     from ..rayengine import ingest as ray_ingest
+    from ..rayengine import session
 
     click.echo(f"Starting the Ray pipeline ({options.address or 'a local cluster'}) ...", err=True)
     with Progress("Ingesting", len(rows)) as progress:
@@ -177,11 +190,13 @@ def _on_ray(
                 progress.note(f"skipping {label(outcome)}: {outcome.reason}{where}")
             progress.update(1)
 
-        # The full location (a PostgreSQL password included): the workers connect with it.
-        run = ray_ingest(
-            rows, store, settings.location, model, weights, settings, output_dir, download,
-            options, on_row=row_done,
-        )  # fmt: skip
+        with session(options.address):
+            # The full location (a PostgreSQL password included): the workers connect
+            # with it.
+            run = ray_ingest(
+                rows, store, settings.location, model, weights, settings, output_dir,
+                download, options, on_row=row_done,
+            )  # fmt: skip
     return run.summary, run.outcomes
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelUnavailable
-from .registry import Built
-from .weights import file_weights_id
+from .registry import Built, file_weights_id
 
 
 class _QuietRandomInit(logging.Filter):

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ..errors import ModelUnavailable
-from .weights import file_weights_id, load_state_dict, torchvision_state_dict
+from .registry import file_weights_id
+from .weights import load_state_dict, torchvision_state_dict
 
 
 def _torchvision(model: torch.nn.Module, weights: str, named: dict[str, Any], label: str) -> str:

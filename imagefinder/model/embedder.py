@@ -18,7 +18,7 @@ from PIL import Image
 from ..errors import ConfigError, ImageError, TextNotSupported
 from ..images import load_rgb, square_crop
 from .batcher import Batcher
-from .registry import PRECISIONS, Built, ModelSpec, spec_for
+from .registry import PRECISIONS, Built, ModelSpec, spec_for, weights_file
 
 # Calibration images are decoded under this cap: they come from the user's own folder.
 CALIBRATION_MAX_PIXELS = 100_000_000
@@ -78,16 +78,7 @@ class Embedder:
         return self.spec.input_size
 
     def meta(self) -> dict[str, str]:
-        meta = {
-            "model": self.spec.name,
-            "weights": self.weights_id,
-            "dim": str(self.spec.dim),
-            "preprocessing": self.spec.preprocessing,
-        }
-        if self.weights_path:
-            # Where the API finds the same file again (IMAGEFINDER_WEIGHTS overrides).
-            meta["weights_path"] = self.weights_path
-        return meta
+        return self.spec.meta(self.weights_id, self.weights_path)
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalised (3, S, S) float tensor. Thread-safe."""
@@ -159,10 +150,10 @@ def load_embedder(
         torch.set_num_threads(threads)
     built = spec.build(weights)
     module = built.module
-    path = (
-        str(Path(weights).expanduser().resolve()) if weights and Path(weights).is_file() else None
+    path = weights_file(weights)
+    embedder = Embedder(
+        spec, module, built.weights_id, precision, str(path) if path else None, built
     )
-    embedder = Embedder(spec, module, built.weights_id, precision, path, built)
     if precision in ("bf16-ov", "int8"):
         from . import ovmodel
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import ModelUnavailable
+from ..files import sha256_file
 
 # fp32 and bf16 (autocast) run in PyTorch; bf16-ov and int8 in OpenVINO (optional, see
 # ovmodel.py).
@@ -76,6 +78,10 @@ class ModelSpec:
     weights_help: str = "a local weights file"
     # Calibrated duplicate levels; None: never measured (no weights to measure with).
     duplicates: DuplicateThresholds | None = None
+    # How the index names the weights a builder loads when given none.
+    default_weights: str = "bundled"
+    # The names --weights takes besides a file; None: only the builder knows them.
+    named_weights: tuple[str, ...] | None = ()
 
     @property
     def preprocessing(self) -> str:
@@ -86,6 +92,35 @@ class ModelSpec:
             f"{self.input_size}, mean {list(self.mean)}, std {list(self.std)}"
         )
 
+    def meta(self, weights_id: str, weights_path: str | None = None) -> dict[str, str]:
+        """The index meta of vectors made by this model with those weights."""
+        meta = {
+            "model": self.name,
+            "weights": weights_id,
+            "dim": str(self.dim),
+            "preprocessing": self.preprocessing,
+        }
+        if weights_path:
+            # Where the API finds the same file again (IMAGEFINDER_WEIGHTS overrides).
+            meta["weights_path"] = weights_path
+        return meta
+
+    def identity(self, weights: str | None) -> dict[str, str]:
+        """The meta the model will report once loaded with ``weights``, found without
+        loading it (no torch): for a process that only drives others which load it (the
+        Ray engine's driver). Whether a file holds usable weights, only loading tells."""
+        path = weights_file(weights)
+        if path is not None:
+            return self.meta(file_weights_id(path), str(path))
+        if weights is None:
+            return self.meta(self.default_weights)
+        if self.named_weights is not None and weights not in self.named_weights:
+            raise ModelUnavailable(
+                f"{weights}: no such weights file, and not weights {self.name} knows by "
+                f"name; --weights takes {self.weights_help}"
+            )
+        return self.meta(weights)
+
     def build(self, weights: str | None) -> Built:
         builder = self.builder
         if isinstance(builder, str):
@@ -95,6 +130,18 @@ class ModelSpec:
         if isinstance(built, tuple):
             return Built(*built)
         return built
+
+
+def weights_file(weights: str | None) -> Path | None:
+    """``weights`` as the absolute path of an existing file, or None (a name, or none)."""
+    if weights and Path(weights).expanduser().is_file():
+        return Path(weights).expanduser().resolve()
+    return None
+
+
+def file_weights_id(path: str | Path) -> str:
+    """How the index names weights that came from a file: a prefix of its hash."""
+    return "sha256:" + sha256_file(path)[:16]
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -114,6 +161,8 @@ register(
         IMAGENET_STD,
         "imagefinder.model.cnn:build_resnet50",
         weights_help="IMAGENET1K_V1 (default), IMAGENET1K_V2, or a local .pth state dict",
+        default_weights="IMAGENET1K_V1",
+        named_weights=("IMAGENET1K_V1", "IMAGENET1K_V2"),
     )
 )
 register(
@@ -156,6 +205,8 @@ register(
         IMAGENET_STD,
         "imagefinder.model.cnn:build_vgg16",
         weights_help="IMAGENET1K_V1 (default) or a local .pth state dict",
+        default_weights="IMAGENET1K_V1",
+        named_weights=("IMAGENET1K_V1",),
     )
 )
 register(
@@ -173,6 +224,8 @@ register(
         ),
         weights_help="an open_clip pretrained tag (default laion2b_s34b_b79k; also openai, "
         "...) or a local open_clip checkpoint (.pt, .bin, .safetensors)",
+        default_weights="laion2b_s34b_b79k",
+        named_weights=None,  # open_clip's tags
     )
 )
 

@@ -12,7 +12,6 @@ import torch
 
 from .. import network
 from ..errors import ModelUnavailable
-from ..files import sha256_file
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
@@ -23,11 +22,6 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise ModelUnavailable(f"cannot load weights from {path}: {e}") from e
-
-
-def file_weights_id(path: str | Path) -> str:
-    """How the index names weights that came from a file: a prefix of its hash."""
-    return "sha256:" + sha256_file(path)[:16]
 
 
 def torchvision_state_dict(enum: Any, model: str) -> dict[str, Any]:
