@@ -221,11 +221,20 @@ def radius_pairs(
             block = matrix[m]
             for lo in range(0, len(q), BLOCK):
                 rows_q = q[lo : lo + BLOCK]
-                d2 = norms[rows_q, None] + norms[m] - 2 * (matrix[rows_q] @ block.T)
-                a, b = np.nonzero(d2 <= limit)
+                pair_norms = norms[rows_q, None] + norms[m]
+                d2 = pair_norms - 2 * (matrix[rows_q] @ block.T)
+                # The expansion loses up to ~1e-7 of |a|^2 + |b|^2 to float32 rounding,
+                # which for a tiny radius is more than the radius itself (two copies of
+                # one photo came out 2e-7 apart on one CPU, exactly 0 on another): it
+                # only picks the candidates, and their own difference decides.
+                a, b = np.nonzero(d2 <= limit + 1e-6 * pair_norms)
                 keep = rows_q[a] != m[b]
                 if keep.any():
-                    yield rows_q[a[keep]], m[b[keep]]
+                    qa, mb = rows_q[a[keep]], m[b[keep]]
+                    diff = matrix[qa] - matrix[mb]
+                    close = np.einsum("ij,ij->i", diff, diff) <= limit
+                    if close.any():
+                        yield qa[close], mb[close]
         if on_progress:
             on_progress(i + 1, n_lists)
 

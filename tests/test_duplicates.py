@@ -260,3 +260,18 @@ def test_one_report_is_computed_at_a_time_and_reused(client):
         assert "duplicate report being computed" in error["message"]
         assert 1 <= int(busy.headers["Retry-After"]) <= 60
     assert client.get("/duplicates", params={"level": "exact"}).status_code == 200
+
+
+def test_exact_copies_pair_at_a_radius_below_float_rounding():
+    # |a|^2 + |b|^2 - 2ab in float32 is off by ~1e-7 of the norms: for vectors of norm
+    # 100 that is ~1e-3, far more than the squared radius (1e-6). Copies must still pair.
+    rng = np.random.default_rng(7)
+    m = rng.standard_normal((200, 64)).astype(np.float32)
+    m *= 100 / np.linalg.norm(m, axis=1, keepdims=True)
+    m[190:] = m[:10]
+    found = {
+        (int(a), int(b))
+        for rows, cols in duplicates.radius_pairs(m, 1e-3)
+        for a, b in zip(rows, cols, strict=True)
+    }
+    assert found == {(i, i + 190) for i in range(10)} | {(i + 190, i) for i in range(10)}
