@@ -318,9 +318,9 @@ def ingest(
     cluster = ray.cluster_resources()
     gpus = 1 if cluster.get("GPU", 0) >= 1 else 0
     fetchers = max(1, int(cluster.get("CPU", 1)) // 2)
-    threads = max(1, int((os.cpu_count() or 1) // max(1, options.actors)))
     # Rows take turns between the embedding slots, a batch at a time (raymodels).
     slots = max(1, options.actors)
+    threads = max(1, (os.cpu_count() or 1) // slots)
     ds: Any = ray.data.from_items(
         [
             {"line": r.line, "id": r.id, "url": r.url, "slot": k // options.batch_size % slots}
@@ -335,9 +335,8 @@ def ingest(
 
         key = model_key(model, weights, weights_id, settings.precision)
         warm = WarmModels(
-            key, slots, threads, model, weights, settings.precision, weights_id,
-            options.keep_warm,
-        )  # fmt: skip
+            key, threads, model, weights, settings.precision, weights_id, options.keep_warm
+        )
         # One batch at the model per slot, one more being downloaded; the warm models
         # reserve nothing, so the tasks waiting on them hold their share.
         tasks, task_cpus = slots + 1, max(options.fetch_cpus, options.actor_cpus)

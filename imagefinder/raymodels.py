@@ -131,7 +131,6 @@ class WarmModels:
     separate forwarding stage, which cost a process and a copy of every batch)."""
 
     key: str
-    slots: int
     threads: int
     model: str
     weights: str | None
@@ -142,7 +141,7 @@ class WarmModels:
     def embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
-        slot = int(batch["slot"][0]) % self.slots
+        slot = int(batch["slot"][0])
         for attempt in (1, 2):
             try:
                 out: dict[str, np.ndarray] = ray.get(
